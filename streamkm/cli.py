@@ -1,0 +1,216 @@
+"""Command line: argument parsing and logging set-up, nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from streamkm import __version__
+from streamkm.errors import ConfigError, StreamkmError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (and exception text)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
+    """Configure the root logger once for the whole process (stderr)."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streamkm",
+        description="Keep a k-means model current over a Kafka stream of feature vectors.",
+    )
+    parser.add_argument("--version", action="version", version=f"streamkm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", metavar="FILE", help="TOML settings file (env STREAMKM_* wins)")
+        return p
+
+    run = with_config(sub.add_parser("run", help="run the daemon"))
+    run.add_argument(
+        "--reset-model",
+        action="store_true",
+        help="start a new model even if the checkpoints hold one of another shape",
+    )
+
+    config = sub.add_parser("config", help="inspect settings")
+    config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    with_config(config_sub.add_parser("show", help="print the effective settings, secrets redacted"))
+
+    broker = sub.add_parser("broker", help="a local single-node Apache Kafka for demos and tests")
+    broker_sub = broker.add_subparsers(dest="broker_command", metavar="ACTION", required=True)
+    for name, text in (
+        ("start", "start it (fetching Apache Kafka once) and print host:port"),
+        ("stop", "stop it; its data stays in DIR"),
+        ("status", "tell whether it runs"),
+    ):
+        p = broker_sub.add_parser(name, help=text)
+        p.add_argument("--port", type=int, default=9092, help="listener port (default 9092)")
+        p.add_argument("--dir", type=Path, help="data directory (default ~/.cache/streamkm/broker-PORT)")
+
+    ckpt = sub.add_parser("checkpoint", help="inspect checkpoints")
+    ckpt_sub = ckpt.add_subparsers(dest="checkpoint_command", metavar="ACTION", required=True)
+    show = ckpt_sub.add_parser("show", help="print a checkpoint (a file, or a directory's newest)")
+    show.add_argument("path", type=Path)
+    show.add_argument("--json", action="store_true", help="print a JSON object")
+
+    produce = with_config(sub.add_parser("produce", help="feed vectors to a topic"))
+    produce.add_argument("source", nargs="?", default="-", help="FILE.npy, FILE.csv or - (stdin CSV)")
+    produce.add_argument("--topic", help="target topic (default: kafka.input_topic)")
+    produce.add_argument("--format", choices=["float32", "float64", "json"], help="default: input.format")
+    produce.add_argument("--bootstrap", help="bootstrap servers (default: kafka.bootstrap_servers)")
+    produce.add_argument(
+        "--synthetic-rate", type=float, metavar="N",
+        help="instead of a file, send drifting synthetic clusters at N vectors/s until stopped",
+    )  # fmt: skip
+    produce.add_argument("--dim", type=int, default=16, help="dimension of synthetic vectors")
+    produce.add_argument("--count", type=int, help="stop after this many synthetic vectors")
+
+    demo = with_config(sub.add_parser("demo", help="stream a realistic workload through the daemon"))
+    demo.add_argument("--messages", type=int, default=200_000, help="vectors to stream")
+    demo.add_argument("--report", type=Path, metavar="FILE.png", help="draw the run to a PNG")
+
+    report = sub.add_parser("report", help="draw a run's history to a PNG")
+    report.add_argument("checkpoint_dir", type=Path)
+    report.add_argument("--out", type=Path, required=True, metavar="FILE.png")
+    return parser
+
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    from streamkm.config import load_settings, to_toml
+
+    print(to_toml(load_settings(args.config).redacted()), end="")
+    return EXIT_OK
+
+
+def _cmd_broker(args: argparse.Namespace) -> int:
+    from streamkm.broker import LocalBroker, default_broker_dir
+
+    broker = LocalBroker(dir=args.dir or default_broker_dir(args.port), port=args.port)
+    if args.broker_command == "start":
+        print(broker.start())
+    elif args.broker_command == "stop":
+        print("stopped" if broker.stop() else "not running")
+    else:
+        pid = broker.pid()
+        if pid is None:
+            print("not running")
+            return 3
+        state = "answering" if broker.answers() else "not answering"
+        print(f"running (pid {pid}) at {broker.bootstrap}, {state}")
+    return EXIT_OK
+
+
+def _cmd_checkpoint_show(args: argparse.Namespace) -> int:
+    from streamkm.checkpoint import checkpoint_summary, read
+
+    summary = checkpoint_summary(read(args.path))
+    if args.json:
+        print(json.dumps(summary))
+        return EXIT_OK
+    print(f"model_version   {summary['model_version']}")
+    print(f"n_samples_seen  {summary['n_samples_seen']}")
+    print(f"n_clusters      {summary['n_clusters']}")
+    print(f"dim             {summary['dim']}")
+    print("counts          " + " ".join(f"{c:g}" for c in summary["counts"]))
+    print("offsets")
+    for topic, parts in summary["offsets"].items():
+        for partition, offset in parts.items():
+            print(f"  {topic}[{partition}]  {offset}")
+    return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from streamkm.app import App
+    from streamkm.config import load_settings
+
+    settings = load_settings(args.config)
+    setup_logging(settings.log.level, settings.log.format)
+    return App(settings, reset_model=args.reset_model).run()
+
+
+def _cmd_produce(args: argparse.Namespace) -> int:
+    from streamkm.config import load_settings
+    from streamkm.produce import produce_command
+
+    settings = load_settings(args.config)
+    setup_logging(settings.log.level, settings.log.format)
+    return produce_command(settings, args)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from streamkm.config import load_settings
+    from streamkm.demo import run_demo
+
+    settings = load_settings(args.config)
+    setup_logging("WARNING", settings.log.format)
+    return run_demo(settings, messages=args.messages, report=args.report, config_given=bool(args.config))
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from streamkm.report import draw_report
+
+    draw_report(args.checkpoint_dir, args.out)
+    print(args.out)
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``streamkm`` console script."""
+    args = _parser().parse_args(argv)
+    handlers = {
+        "config": _cmd_config_show,
+        "broker": _cmd_broker,
+        "checkpoint": _cmd_checkpoint_show,
+        "run": _cmd_run,
+        "produce": _cmd_produce,
+        "demo": _cmd_demo,
+        "report": _cmd_report,
+    }
+    try:
+        return handlers[args.command](args)
+    except ConfigError as exc:
+        print(f"streamkm: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except StreamkmError as exc:
+        print(f"streamkm: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
