@@ -1,0 +1,396 @@
+"""Prometheus metrics of the daemon and the HTTP server exposing them.
+
+Every metric is created once, on the registry given to :class:`Metrics`, with the ``streamkm_``
+prefix and base units (seconds, messages). The HTTP server serves ``/metrics``, ``/healthz`` and
+``/readyz``.
+
+Examples
+--------
+>>> from prometheus_client import CollectorRegistry
+>>> registry = CollectorRegistry()
+>>> m = Metrics(registry)
+>>> m.messages_consumed.inc(3)
+>>> registry.get_sample_value("streamkm_messages_consumed_total")
+3.0
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+
+from streamkm import __version__
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("decode", "model", "produce")
+DEAD_LETTER_REASONS = ("empty", "oversized", "undecodable", "bad_shape", "wrong_dim", "non_finite")
+BATCH_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+CHECKPOINT_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+
+HealthCheck = Callable[[], tuple[bool, str]]
+
+
+class Metrics:
+    """All metrics of the daemon.
+
+    Parameters
+    ----------
+    registry : CollectorRegistry, optional
+        Where to register. When None, a new registry is created with the process and platform
+        collectors added (``process_resident_memory_bytes`` …).
+    clock : callable, default time.monotonic
+        Used for the checkpoint age; injectable for tests.
+    wall_clock : callable, default time.time
+        Used for ``streamkm_last_checkpoint_timestamp_seconds``.
+
+    Notes
+    -----
+    Labelled series whose label values are known up front (dead-letter reasons, batch stages)
+    are created at zero, so rates and alerts see them before the first event.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        if registry is None:
+            registry = CollectorRegistry()
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry)
+        self.registry = registry
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._started = clock()
+        self._last_checkpoint: float | None = None
+        self._server: MetricsServer | None = None
+        self._lag_labels: set[tuple[str, str]] = set()
+        self._n_cluster_labels = 0
+        self._lock = threading.Lock()
+        r = registry
+
+        self.messages_consumed = Counter(
+            "streamkm_messages_consumed", "Messages consumed from the input topic.", registry=r
+        )
+        self.messages_assigned = Counter(
+            "streamkm_messages_assigned",
+            "Messages assigned to a cluster and produced to the output topic.",
+            registry=r,
+        )
+        self.messages_dead_lettered = Counter(
+            "streamkm_messages_dead_lettered",
+            "Messages rejected as bad input, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.batches = Counter("streamkm_batches", "Mini-batches processed.", registry=r)
+        self.batch_duration = Histogram(
+            "streamkm_batch_duration_seconds",
+            "Time spent per mini-batch, by stage.",
+            ["stage"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.inertia = Gauge(
+            "streamkm_inertia",
+            "Mean squared distance to the assigned centroid, last batch.",
+            registry=r,
+        )
+        self.inertia_ewma = Gauge(
+            "streamkm_inertia_ewma", "Exponential moving average of streamkm_inertia.", registry=r
+        )
+        self.samples_seen = Gauge(
+            "streamkm_samples_seen", "Samples (total weight) absorbed by the model.", registry=r
+        )
+        self.model_version = Gauge(
+            "streamkm_model_version", "Model version (number of update steps).", registry=r
+        )
+        self.cluster_size = Gauge(
+            "streamkm_cluster_size", "Weight of each cluster.", ["cluster"], registry=r
+        )
+        self.centroid_shift = Gauge(
+            "streamkm_centroid_shift", "Mean centroid movement in the last batch.", registry=r
+        )
+        self.consumer_lag = Gauge(
+            "streamkm_consumer_lag",
+            "Messages behind the end of each partition (librdkafka statistics).",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.checkpoints = Counter("streamkm_checkpoints", "Checkpoints written.", registry=r)
+        self.checkpoint_duration = Histogram(
+            "streamkm_checkpoint_duration_seconds",
+            "Time to write a checkpoint.",
+            buckets=CHECKPOINT_BUCKETS,
+            registry=r,
+        )
+        self.last_checkpoint_timestamp = Gauge(
+            "streamkm_last_checkpoint_timestamp_seconds",
+            "Unix time of the last checkpoint.",
+            registry=r,
+        )
+        self.checkpoint_age = Gauge(
+            "streamkm_checkpoint_age_seconds",
+            "Seconds since the last checkpoint (since start before the first).",
+            registry=r,
+        )
+        self.checkpoint_age.set_function(self._checkpoint_age)
+        self.checkpoint_interval = Gauge(
+            "streamkm_checkpoint_interval_seconds",
+            "Configured checkpoint interval.",
+            registry=r,
+        )
+        self.produce_errors = Counter(
+            "streamkm_produce_errors", "Failed deliveries to Kafka.", registry=r
+        )
+        self.info = Gauge("streamkm_info", "Build information.", ["version"], registry=r)
+        self.info.labels(version=__version__).set(1)
+
+        for reason in DEAD_LETTER_REASONS:
+            self.messages_dead_lettered.labels(reason=reason)
+        for stage in STAGES:
+            self.batch_duration.labels(stage=stage)
+
+    # -- helpers the loop calls --------------------------------------------------------------
+
+    def _checkpoint_age(self) -> float:
+        last = self._last_checkpoint
+        return self._clock() - (self._started if last is None else last)
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        """Record the time one batch spent in ``stage`` (decode, model or produce)."""
+        self.batch_duration.labels(stage=stage).observe(seconds)
+
+    def record_dead_letter(self, reason: str, n: int = 1) -> None:
+        """Count ``n`` messages rejected for ``reason``."""
+        self.messages_dead_lettered.labels(reason=reason).inc(n)
+
+    def set_checkpoint_interval(self, seconds: float) -> None:
+        """Publish the configured checkpoint interval (for age alerts)."""
+        self.checkpoint_interval.set(seconds)
+
+    def record_checkpoint(self, duration_s: float) -> None:
+        """Record a durable checkpoint that took ``duration_s`` to write."""
+        self.checkpoints.inc()
+        self.checkpoint_duration.observe(duration_s)
+        self.last_checkpoint_timestamp.set(self._wall_clock())
+        self._last_checkpoint = self._clock()
+
+    def record_model(self, model: Any) -> None:
+        """Copy the model's statistics into the gauges.
+
+        Reads ``inertia_``, ``inertia_ewma_``, ``n_samples_seen_``, ``n_steps_``, ``counts_``
+        and ``last_shift_``; a missing or None attribute leaves its gauge alone.
+        """
+        for gauge, attr in (
+            (self.inertia, "inertia_"),
+            (self.inertia_ewma, "inertia_ewma_"),
+            (self.samples_seen, "n_samples_seen_"),
+            (self.model_version, "n_steps_"),
+            (self.centroid_shift, "last_shift_"),
+        ):
+            value = getattr(model, attr, None)
+            if value is not None:
+                gauge.set(float(value))
+        counts = getattr(model, "counts_", None)
+        if counts is not None:
+            sizes = np.asarray(counts, dtype=np.float64).tolist()
+            if len(sizes) != self._n_cluster_labels:
+                # Fewer clusters than before (a reset model): drop the stale series.
+                self.cluster_size.clear()
+                self._n_cluster_labels = len(sizes)
+            for j, size in enumerate(sizes):
+                self.cluster_size.labels(cluster=str(j)).set(size)
+
+    def update_lag_from_stats(self, stats_json: str) -> int:
+        """Set ``streamkm_consumer_lag`` from librdkafka's statistics JSON.
+
+        Meant as the consumer's ``stats_cb``. Partitions absent from these statistics, or with
+        an unknown lag (-1), lose their series; the internal partition -1 is skipped. Malformed
+        input is logged and ignored.
+
+        Returns
+        -------
+        int
+            Number of partitions whose lag was set.
+        """
+        try:
+            stats = json.loads(stats_json)
+            seen: dict[tuple[str, str], float] = {}
+            for topic, tdata in (stats.get("topics") or {}).items():
+                for pid, pdata in (tdata.get("partitions") or {}).items():
+                    if int(pid) < 0:
+                        continue
+                    lag = pdata.get("consumer_lag")
+                    if lag is None or lag < 0:
+                        continue
+                    seen[(str(topic), str(int(pid)))] = float(lag)
+        except (ValueError, TypeError, AttributeError) as exc:
+            logger.debug("ignoring malformed librdkafka statistics: %s", exc)
+            return 0
+        with self._lock:
+            for labels in self._lag_labels - seen.keys():
+                with contextlib.suppress(KeyError):
+                    self.consumer_lag.remove(*labels)
+            for (topic, partition), lag in seen.items():
+                self.consumer_lag.labels(topic=topic, partition=partition).set(lag)
+            self._lag_labels = set(seen)
+        return len(seen)
+
+    # -- HTTP --------------------------------------------------------------------------------
+
+    def serve(self, host: str, port: int, health: HealthCheck, ready: HealthCheck) -> MetricsServer:
+        """Start the HTTP server on a daemon thread.
+
+        Parameters
+        ----------
+        host : str
+            Interface to bind.
+        port : int
+            Port to bind; 0 picks a free one (see :attr:`MetricsServer.port`).
+        health, ready : callable returning (bool, str)
+            Back ``/healthz`` and ``/readyz``: 200 ``ok`` when true, else 503 with the reason.
+
+        Returns
+        -------
+        MetricsServer
+            The running server; :meth:`close` (here or on it) stops it.
+        """
+        if self._server is not None:
+            raise RuntimeError("the metrics server is already running")
+        self._server = MetricsServer(self.registry, host, port, health, ready)
+        return self._server
+
+    def close(self) -> None:
+        """Stop the HTTP server if it runs."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+
+class MetricsServer:
+    """``/metrics``, ``/healthz`` and ``/readyz`` over HTTP on a daemon thread.
+
+    Attributes
+    ----------
+    host : str
+        Bound address.
+    port : int
+        Bound port (the real one when 0 was asked for).
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        host: str,
+        port: int,
+        health: HealthCheck,
+        ready: HealthCheck,
+    ) -> None:
+        handler = _make_handler(registry, health, ready)
+        self._httpd = ThreadingHTTPServer((host, port), handler)
+        self._httpd.daemon_threads = True
+        self.host = str(self._httpd.server_address[0])
+        self.port = int(self._httpd.server_address[1])
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, name="streamkm-metrics", daemon=True
+        )
+        self._thread.start()
+        logger.info("metrics at %s", self.url)
+
+    @property
+    def url(self) -> str:
+        """Base URL of the server."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def close(self) -> None:
+        """Stop serving and release the port."""
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+
+def _make_handler(
+    registry: CollectorRegistry, health: HealthCheck, ready: HealthCheck
+) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = urlsplit(self.path).path
+            if path == "/metrics":
+                self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+            elif path in ("/healthz", "/readyz"):
+                check = health if path == "/healthz" else ready
+                try:
+                    ok, reason = check()
+                except Exception as exc:
+                    ok, reason = False, f"check failed: {exc}"
+                text = "ok" if ok else (reason or "not ok")
+                self._send(200 if ok else 503, (text + "\n").encode(), "text/plain; charset=utf-8")
+            else:
+                self._send(404, b"not found\n", "text/plain; charset=utf-8")
+
+        def _send(self, status: int, body: bytes, content_type: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            # Scrapes every few seconds would flood stderr; keep them at debug level.
+            logger.debug("%s " + format, self.address_string(), *args)
+
+    return Handler
