@@ -117,6 +117,7 @@ class Metrics:
         self._last_checkpoint: float | None = None
         self._server: MetricsServer | None = None
         self._lag_labels: set[tuple[str, str]] = set()
+        self._total_lag: float | None = None
         self._n_cluster_labels = 0
         self._lock = threading.Lock()
         r = registry
@@ -287,7 +288,12 @@ class Metrics:
             for (topic, partition), lag in seen.items():
                 self.consumer_lag.labels(topic=topic, partition=partition).set(lag)
             self._lag_labels = set(seen)
+            self._total_lag = sum(seen.values()) if seen else None
         return len(seen)
+
+    def total_lag(self) -> float | None:
+        """Sum of the last known consumer lag over all partitions (None before any)."""
+        return self._total_lag
 
     # -- HTTP --------------------------------------------------------------------------------
 

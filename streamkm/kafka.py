@@ -1,0 +1,166 @@
+"""Thin wrappers over confluent-kafka: client configuration and error mapping."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError as _CKafkaError, KafkaException, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from streamkm.config import Settings
+from streamkm.errors import FencedError, KafkaError
+
+log = logging.getLogger(__name__)
+
+COOPERATIVE = "cooperative-sticky"
+
+# Error codes that mean another producer with our transactional id took over.
+_FENCED_CODES = {
+    _CKafkaError._FENCED,
+    _CKafkaError.PRODUCER_FENCED,
+    _CKafkaError.INVALID_PRODUCER_EPOCH,
+    _CKafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+}
+
+
+def to_error(exc: KafkaException | _CKafkaError, doing: str) -> KafkaError:
+    """Map a confluent-kafka error to streamkm's, keeping the code (and fencing apart)."""
+    err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else exc
+    if not isinstance(err, _CKafkaError):
+        return KafkaError(f"{doing}: {exc}")
+    message = f"{doing}: {err.str()} ({err.name()})"
+    if err.code() in _FENCED_CODES:
+        return FencedError(message + "; another instance uses the same transactional id", err.code(), True)
+    return KafkaError(message, err.code(), err.fatal())
+
+
+class RateLimitedLog:
+    """Log at most one line per ``interval_s`` per key, saying how many were suppressed."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 10.0) -> None:
+        self._log = logger
+        self._interval = interval_s
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def warning(self, key: str, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -1e18) < self._interval:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return
+        skipped = self._suppressed.pop(key, 0)
+        self._last[key] = now
+        suffix = f" ({skipped} similar suppressed)" if skipped else ""
+        self._log.warning(msg + suffix, *args)
+
+
+def consumer_config(
+    settings: Settings,
+    error_cb: Callable[[Any], None],
+    stats_cb: Callable[[str], None] | None,
+) -> dict[str, Any]:
+    """The consumer's librdkafka properties; the ``[kafka.client]`` table wins over defaults."""
+    conf: dict[str, Any] = {
+        "group.id": settings.kafka.group_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        # Without a checkpoint or committed offset, start at the beginning: nothing is skipped.
+        "auto.offset.reset": "earliest",
+        "partition.assignment.strategy": COOPERATIVE,
+        "statistics.interval.ms": 5000,
+        "error_cb": error_cb,
+    }
+    if settings.delivery.guarantee == "exactly-once":
+        conf["isolation.level"] = "read_committed"
+    if stats_cb is not None:
+        conf["stats_cb"] = stats_cb
+    conf.update(_client_props(settings, for_producer=False))
+    return conf
+
+
+def producer_config(
+    settings: Settings,
+    error_cb: Callable[[Any], None],
+    on_delivery: Callable[[Any, Any], None],
+) -> dict[str, Any]:
+    """The producer's librdkafka properties (idempotent; transactional in exactly-once mode)."""
+    conf: dict[str, Any] = {
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": 5,
+        # Only failures reach Python: one callback per failed record, none per success.
+        "delivery.report.only.error": True,
+        "on_delivery": on_delivery,
+        "error_cb": error_cb,
+    }
+    if settings.delivery.guarantee == "exactly-once":
+        conf["transactional.id"] = settings.transactional_id
+        conf["transaction.timeout.ms"] = 60_000
+    conf.update(_client_props(settings, for_producer=True))
+    return conf
+
+
+_CONSUMER_ONLY = (
+    "group.", "enable.auto.", "auto.", "partition.assignment", "isolation.", "session.",
+    "heartbeat.", "max.poll", "fetch.", "queued.", "check.crcs", "group.instance.id",
+)  # fmt: skip
+_PRODUCER_ONLY = (
+    "acks", "linger.", "batch.", "compression.", "enable.idempotence", "transaction",
+    "message.timeout", "delivery.", "queue.buffering", "retries", "request.required.acks",
+)  # fmt: skip
+
+
+def _client_props(settings: Settings, for_producer: bool) -> dict[str, Any]:
+    """Connection properties, without those librdkafka would refuse on the other client kind."""
+    skip = _CONSUMER_ONLY if for_producer else _PRODUCER_ONLY
+    return {k: v for k, v in settings.librdkafka().items() if not k.startswith(skip)}
+
+
+def make_consumer(settings: Settings, error_cb: Callable[[Any], None], stats_cb: Callable[[str], None] | None) -> Consumer:
+    try:
+        return Consumer(consumer_config(settings, error_cb, stats_cb))
+    except KafkaException as exc:
+        raise to_error(exc, "creating the consumer") from None
+
+
+def make_producer(
+    settings: Settings, error_cb: Callable[[Any], None], on_delivery: Callable[[Any, Any], None]
+) -> Producer:
+    try:
+        return Producer(producer_config(settings, error_cb, on_delivery))
+    except KafkaException as exc:
+        raise to_error(exc, "creating the producer") from None
+
+
+def is_cooperative(conf: dict[str, Any]) -> bool:
+    return COOPERATIVE in str(conf.get("partition.assignment.strategy", ""))
+
+
+def ensure_topics(
+    conf: dict[str, Any],
+    topics: dict[str, dict[str, str]],
+    partitions: int = 1,
+    timeout_s: float = 30.0,
+) -> None:
+    """Create the topics that do not exist yet (``{name: topic_config}``)."""
+    admin = AdminClient(conf)
+    try:
+        existing = set(admin.list_topics(timeout=timeout_s).topics)
+    except KafkaException as exc:
+        raise to_error(exc, "listing topics") from None
+    wanted = [
+        NewTopic(name, num_partitions=partitions, replication_factor=-1, config=cfg)
+        for name, cfg in topics.items()
+        if name not in existing
+    ]
+    if not wanted:
+        return
+    for name, future in admin.create_topics(wanted, request_timeout=timeout_s).items():
+        try:
+            future.result(timeout=timeout_s)
+        except KafkaException as exc:
+            if exc.args[0].code() != _CKafkaError.TOPIC_ALREADY_EXISTS:
+                raise to_error(exc, f"creating topic {name}") from None
