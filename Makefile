@@ -22,7 +22,7 @@ demo: $(STAMP) ## stream a realistic workload through the daemon on a local Apac
 
 test: $(STAMP) ## the whole test suite (unit + integration against a real Apache Kafka)
 	bash scripts/ensure-tools.sh
-	$(PY) -m pytest
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest
 
 test-unit: $(STAMP) ## unit tests only (no broker)
 	$(PY) -m pytest -m unit
