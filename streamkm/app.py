@@ -23,6 +23,7 @@ import logging
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,7 @@ HEADER_REASON = "streamkm.error.reason"
 HEADER_MESSAGE = "streamkm.error.message"
 
 ORIGINS_FILE = "origins.json"
+HISTORY_POINTS = 2000
 EXIT_OK = 0
 EXIT_ERROR = 1
 _TXN_TIMEOUT_S = 30.0
@@ -141,6 +143,9 @@ class App:
         self._closing = False
         self._timer = CheckpointTimer(settings.checkpoint.interval_s)
         self._rate_window = (time.monotonic(), 0)
+        # Per-batch (unix time, samples seen, inertia, inertia moving average), kept in the
+        # checkpoint so `streamkm report` can draw the curve of a run.
+        self.history: deque[tuple[float, float, float, float]] = deque(maxlen=HISTORY_POINTS)
         self.metrics.set_checkpoint_interval(settings.checkpoint.interval_s)
 
     # -- public --------------------------------------------------------------------------
@@ -198,6 +203,7 @@ class App:
                 ckpt.path.name, self.model.n_steps_, self.model.n_samples_seen_, _fmt_offsets(ckpt.offsets),
             )  # fmt: skip
             self.metrics.record_model(self.model)
+            self.history.extend(tuple(h) for h in ckpt.meta.get("extra", {}).get("history", []))
         self.origins = self._read_origins()
 
     def _move_checkpoints_aside(self) -> None:
@@ -298,7 +304,7 @@ class App:
                     self._process(force=True)
                     self._checkpoint()
                 else:
-                    self._drop_pending(keep=self.assigned - _keys(partitions))
+                    self._forget(_keys(partitions))
             except StreamkmError as exc:
                 self.fatal = exc
                 self.stop_event.set()
@@ -306,7 +312,7 @@ class App:
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.warning("lost %s; dropping work not yet committed", _fmt_tps(partitions))
-        self._drop_pending(keep=self.assigned - _keys(partitions))
+        self._forget(_keys(partitions))
         self._let_go(consumer, partitions)
 
     def _let_go(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -465,6 +471,10 @@ class App:
         self.metrics.messages_assigned.inc(n_out)
         if self.model is not None and len(batch):
             self.metrics.record_model(self.model)
+            m = self.model
+            self.history.append(
+                (time.time(), float(m.n_samples_seen_), float(m.inertia_), float(m.inertia_ewma_))
+            )
 
     def _emit_mask(self, batch: Batch) -> np.ndarray | None:
         """Rows to publish: all, except (exactly-once) inputs replayed after a crash."""
@@ -616,14 +626,27 @@ class App:
                 except KafkaException as exc:
                     raise to_error(exc, f"seeking {t}[{p}] to {o}") from None
 
-    def _drop_pending(self, keep: Iterable[TopicPart]) -> None:
-        """Forget consumed-but-unprocessed input; partitions in ``keep`` are read again."""
-        if self.batcher is not None:
-            self.batcher.take(max_rows=len(self.batcher))
-        first = {k: v for k, v in self.pending.first.items() if k in set(keep)}
-        self.pending.clear()
-        if first:
-            self._rewind(first)
+    def _forget(self, gone: set[TopicPart]) -> None:
+        """Drop consumed-but-unprocessed input of partitions this instance no longer owns.
+
+        Rows of the partitions it keeps stay buffered, so nothing needs to be read again.
+        """
+        batcher = self.batcher
+        if batcher is not None and len(batcher):
+            batch = batcher.take(max_rows=len(batcher))
+            keep = np.array(
+                [(t, int(p)) not in gone for t, p in zip(batch.topics, batch.partitions, strict=True)],
+                dtype=bool,
+            )
+            if keep.any():
+                batcher.add(
+                    batch.X[keep], batch.topics[keep], batch.partitions[keep],
+                    batch.offsets[keep], batch.keys[keep], batch.timestamps[keep],
+                )  # fmt: skip
+        self.pending.dead = [d for d in self.pending.dead if (d.topic, d.partition) not in gone]
+        for key in gone:
+            self.pending.first.pop(key, None)
+            self.pending.next.pop(key, None)
 
     # -- checkpoints ---------------------------------------------------------------------
 
@@ -635,7 +658,8 @@ class App:
         assert self.producer is not None and self.consumer is not None
         t0 = time.perf_counter()
         self._flush()
-        path = self.store.write(self.model, self.positions, {"streamkm_version": __version__})
+        extra = {"streamkm_version": __version__, "history": [list(h) for h in self.history]}
+        path = self.store.write(self.model, self.positions, extra)
         self.checkpoint_offsets = dict(self.positions)
         self.dirty = False
         if not self.exactly_once:

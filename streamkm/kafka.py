@@ -17,6 +17,38 @@ log = logging.getLogger(__name__)
 
 COOPERATIVE = "cooperative-sticky"
 
+
+class _OncePerInterval(logging.Filter):
+    """Let one record per (level, facility) through every ``interval_s``; count the rest.
+
+    librdkafka repeats a connection failure every few milliseconds while a broker is down.
+    """
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        super().__init__()
+        self._interval = interval_s
+        self._last: dict[tuple[int, str], float] = {}
+        self._dropped: dict[tuple[int, str], int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # confluent-kafka logs ("%s [%s] %s", facility, client, text).
+        facility = record.args[0] if isinstance(record.args, tuple) and record.args else record.msg
+        key = (record.levelno, str(facility))
+        now = time.monotonic()
+        if now - self._last.get(key, -1e18) < self._interval:
+            self._dropped[key] = self._dropped.get(key, 0) + 1
+            return False
+        self._last[key] = now
+        dropped = self._dropped.pop(key, 0)
+        if dropped:
+            record.msg = f"{record.msg} ({dropped} similar suppressed)"
+        return True
+
+
+# librdkafka's own log lines go through Python logging (and so the JSON format) too.
+_LIBRDKAFKA_LOG = logging.getLogger("streamkm.librdkafka")
+_LIBRDKAFKA_LOG.addFilter(_OncePerInterval())
+
 # Error codes that mean another producer with our transactional id took over.
 _FENCED_CODES = {
     _CKafkaError._FENCED,
@@ -65,6 +97,9 @@ def consumer_config(
     """The consumer's librdkafka properties; the ``[kafka.client]`` table wins over defaults."""
     conf: dict[str, Any] = {
         "group.id": settings.kafka.group_id,
+        # Static membership: a restarted instance takes its partitions back at once instead
+        # of waiting for the session of its previous incarnation to time out.
+        "group.instance.id": f"{settings.kafka.group_id}-{settings.delivery.instance_id}",
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
         # Without a checkpoint or committed offset, start at the beginning: nothing is skipped.
@@ -72,6 +107,7 @@ def consumer_config(
         "partition.assignment.strategy": COOPERATIVE,
         "statistics.interval.ms": 5000,
         "error_cb": error_cb,
+        "logger": _LIBRDKAFKA_LOG,
     }
     if settings.delivery.guarantee == "exactly-once":
         conf["isolation.level"] = "read_committed"
@@ -95,6 +131,7 @@ def producer_config(
         "delivery.report.only.error": True,
         "on_delivery": on_delivery,
         "error_cb": error_cb,
+        "logger": _LIBRDKAFKA_LOG,
     }
     if settings.delivery.guarantee == "exactly-once":
         conf["transactional.id"] = settings.transactional_id
@@ -146,7 +183,7 @@ def ensure_topics(
     timeout_s: float = 30.0,
 ) -> None:
     """Create the topics that do not exist yet (``{name: topic_config}``)."""
-    admin = AdminClient(conf)
+    admin = AdminClient({**conf, "logger": _LIBRDKAFKA_LOG})
     try:
         existing = set(admin.list_topics(timeout=timeout_s).topics)
     except KafkaException as exc:

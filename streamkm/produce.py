@@ -49,7 +49,13 @@ class VectorProducer:
         self.failures: list[str] = []
         self.sent = 0
         self._producer = Producer(
-            {"enable.idempotence": True, "linger.ms": 20, **conf, "on_delivery": self._report}
+            {
+                "enable.idempotence": True,
+                "linger.ms": 20,
+                "logger": logging.getLogger("streamkm.librdkafka"),
+                **conf,
+                "on_delivery": self._report,
+            }
         )
 
     def _report(self, err: Any, msg: Any) -> None:

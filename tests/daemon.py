@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ class Daemon:
         self.port = _free_port()
         config: dict[str, dict[str, Any]] = {
             "kafka": {"bootstrap_servers": bootstrap, "input_topic": input_topic, "output_topic": output_topic,
-                      "group_id": f"g-{workdir.name}"},
+                      "group_id": f"g-{uuid.uuid4().hex[:10]}"},
             "input": {"format": "float32"},
             "model": {"n_clusters": 3, "batch_size": 256, "max_batch_wait_ms": 200, "seed": 1},
             "checkpoint": {"dir": str(workdir / "ckpt"), "interval_s": 2.0},
