@@ -30,7 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from confluent_kafka import OFFSET_INVALID, Consumer, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_INVALID,
+    Consumer,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 from prometheus_client import CollectorRegistry
 
 from streamkm import __version__
@@ -40,7 +47,14 @@ from streamkm.codec import VectorDecoder, encode_assignments
 from streamkm.config import Settings
 from streamkm.errors import CheckpointError, DecodeError, FencedError, KafkaError, StreamkmError
 from streamkm.fileformat import write_atomic
-from streamkm.kafka import RateLimitedLog, consumer_config, is_cooperative, make_consumer, make_producer, to_error
+from streamkm.kafka import (
+    RateLimitedLog,
+    consumer_config,
+    is_cooperative,
+    make_consumer,
+    make_producer,
+    to_error,
+)
 from streamkm.metrics import Metrics
 from streamkm.model import StreamingKMeans
 
@@ -236,7 +250,9 @@ class App:
         try:
             write_atomic(self.store.dir / ORIGINS_FILE, json.dumps(out).encode())
         except OSError as exc:
-            raise CheckpointError(f"cannot write {self.store.dir / ORIGINS_FILE}: {exc.strerror}") from exc
+            raise CheckpointError(
+                f"cannot write {self.store.dir / ORIGINS_FILE}: {exc.strerror}"
+            ) from exc
 
     def _open_clients(self) -> None:
         stats_cb = self.metrics.update_lag_from_stats
@@ -288,7 +304,9 @@ class App:
                 done = committed.get(key)
                 if done is not None and done > start:
                     self.replay_until[key] = done
-                    log.info("replaying %s[%d] offsets %d..%d into the model", *key, start, done - 1)
+                    log.info(
+                        "replaying %s[%d] offsets %d..%d into the model", *key, start, done - 1
+                    )
             self.assigned.add(key)
         log.info("assigned %s", _fmt_tps(partitions))
         if is_cooperative(self._consumer_conf):
@@ -363,10 +381,10 @@ class App:
             return cfg.n_clusters if cfg.batch_size < cfg.n_clusters else cfg.batch_size
         return cfg.effective_init_size
 
-    def _ingest(self, messages: list[Message]) -> None:
+    def _ingest(self, messages: list[Any]) -> None:
         assert self.batcher is not None
         values: list[bytes | None] = []
-        kept: list[Message] = []
+        kept: list[Any] = []  # confluent_kafka.Message, whose accessors are typed Optional
         for msg in messages:
             err = msg.error()
             if err is not None:
@@ -411,7 +429,9 @@ class App:
         for i, error in errors:
             m = kept[i]
             self.pending.dead.append(
-                DeadLetter(m.topic(), m.partition(), m.offset(), m.key(), m.value(), m.headers(), error)
+                DeadLetter(
+                    m.topic(), m.partition(), m.offset(), m.key(), m.value(), m.headers(), error
+                )
             )
         self.metrics.messages_consumed.inc(n)
         self.metrics.observe_stage("decode", time.perf_counter() - t0)
@@ -419,20 +439,18 @@ class App:
     def _process(self, force: bool) -> None:
         """Process the pending batch if it is due (or whenever ``force`` and possible)."""
         batcher = self.batcher
-        if batcher is None or (not len(batcher) and not self.pending.dead):
+        if batcher is None:
+            return
+        rows = len(batcher)
+        if not rows and not self.pending.dead:
             return
         if self.model is None:
-            # Hold the first vectors for seeding; dead letters wait with them in order.
-            if len(batcher) < self._init_rows() and (len(batcher) or not self._dead_due(force)):
+            # Hold the first vectors for seeding; their dead letters wait with them, in order.
+            if rows and rows < self._init_rows():
                 return
-        elif not (force or len(batcher) >= self.settings.model.batch_size or batcher.ready()):
-            if len(batcher) or not self._dead_due(force):
-                return
-        batch = batcher.take(max_rows=len(batcher))
-        self._step(batch)
-
-    def _dead_due(self, force: bool) -> bool:
-        return force or bool(self.pending.dead)
+        elif rows and not (force or rows >= self.settings.model.batch_size or batcher.ready()):
+            return
+        self._step(batcher.take(max_rows=rows))
 
     def _step(self, batch: Batch) -> None:
         """Assign, update, publish and (exactly-once) commit one batch."""
@@ -481,7 +499,10 @@ class App:
         if not self.replay_until or not len(batch):
             return None
         limit = np.array(
-            [self.replay_until.get((t, int(p)), -1) for t, p in zip(batch.topics, batch.partitions, strict=True)],
+            [
+                self.replay_until.get((t, int(p)), -1)
+                for t, p in zip(batch.topics, batch.partitions, strict=True)
+            ],
             dtype=np.int64,
         )
         return np.asarray(batch.offsets >= limit)
@@ -539,7 +560,8 @@ class App:
                     d.topic, d.partition, d.offset, d.error.message, d.error.reason,
                 )  # fmt: skip
                 continue
-            headers = list(d.headers or []) + [
+            headers = [
+                *(d.headers or []),
                 (HEADER_TOPIC, d.topic.encode()),
                 (HEADER_PARTITION, str(d.partition).encode()),
                 (HEADER_OFFSET, str(d.offset).encode()),
@@ -580,14 +602,17 @@ class App:
 
     def _commit_transaction(self, after: dict[TopicPart, int]) -> None:
         assert self.producer is not None and self.consumer is not None
-        offsets = [TopicPartition(t, p, o) for (t, p), o in after.items() if (t, p) in self.assigned]
+        producer, consumer = self.producer, self.consumer
+        offsets = [
+            TopicPartition(t, p, o) for (t, p), o in after.items() if (t, p) in self.assigned
+        ]
         self._txn_call(
-            lambda: self.producer.send_offsets_to_transaction(  # type: ignore[union-attr]
-                offsets, self.consumer.consumer_group_metadata(), _TXN_TIMEOUT_S  # type: ignore[union-attr]
+            lambda: producer.send_offsets_to_transaction(
+                offsets, consumer.consumer_group_metadata(), _TXN_TIMEOUT_S
             ),
             "sending offsets to the transaction",
         )
-        self._txn_call(lambda: self.producer.commit_transaction(_TXN_TIMEOUT_S), "committing")  # type: ignore[union-attr]
+        self._txn_call(lambda: producer.commit_transaction(_TXN_TIMEOUT_S), "committing")
 
     def _txn_call(self, call: Any, doing: str) -> None:
         """Run a transactional call: retry the retriable, abort the abortable, stop if fenced."""
@@ -635,7 +660,10 @@ class App:
         if batcher is not None and len(batcher):
             batch = batcher.take(max_rows=len(batcher))
             keep = np.array(
-                [(t, int(p)) not in gone for t, p in zip(batch.topics, batch.partitions, strict=True)],
+                [
+                    (t, int(p)) not in gone
+                    for t, p in zip(batch.topics, batch.partitions, strict=True)
+                ],
                 dtype=bool,
             )
             if keep.any():
@@ -678,7 +706,11 @@ class App:
 
     def _commit_offsets(self) -> None:
         assert self.consumer is not None
-        offsets = [TopicPartition(t, p, o) for (t, p), o in self.positions.items() if (t, p) in self.assigned]
+        offsets = [
+            TopicPartition(t, p, o)
+            for (t, p), o in self.positions.items()
+            if (t, p) in self.assigned
+        ]
         if not offsets:
             return
         try:
@@ -709,7 +741,10 @@ class App:
             if self.exactly_once:
                 self._begin()
                 self._produce(self.producer.produce, topic, value, key, None)
-                self._txn_call(lambda: self.producer.commit_transaction(_TXN_TIMEOUT_S), "publishing the model")  # type: ignore[union-attr]
+                producer = self.producer
+                self._txn_call(
+                    lambda: producer.commit_transaction(_TXN_TIMEOUT_S), "publishing the model"
+                )
             else:
                 self._produce(self.producer.produce, topic, value, key, None)
         except _Abort as abort:
@@ -800,4 +835,4 @@ def _fmt_offsets(offsets: dict[TopicPart, int]) -> str:
     return ", ".join(f"{t}[{p}]={o}" for (t, p), o in sorted(offsets.items())) or "none"
 
 
-__all__ = ["App", "OFFSET_INVALID"]
+__all__ = ["OFFSET_INVALID", "App"]

@@ -10,6 +10,7 @@ brings the same topics back.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from streamkm.errors import BrokerError
 
@@ -240,7 +242,9 @@ class LocalBroker:
                 return self.bootstrap
             time.sleep(0.25)
         self.stop()
-        raise BrokerError(f"Apache Kafka did not answer within {timeout_s:.0f}s:\n{self._log_tail()}")
+        raise BrokerError(
+            f"Apache Kafka did not answer within {timeout_s:.0f}s:\n{self._log_tail()}"
+        )
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> bool:
         """Stop the broker cleanly (SIGTERM, then SIGKILL after ``timeout_s``).
@@ -295,9 +299,7 @@ class LocalBroker:
         if self.sasl_port is not None:
             listeners.append(f"SASL://127.0.0.1:{self.sasl_port}")
             protocols.append("SASL:SASL_PLAINTEXT")
-            plain_users = " ".join(
-                f'user_{u.name}="{u.password}"' for u in self.scram_users
-            )
+            plain_users = " ".join(f'user_{u.name}="{u.password}"' for u in self.scram_users)
             extra += [
                 "listener.name.sasl.sasl.enabled.mechanisms=SCRAM-SHA-256,SCRAM-SHA-512,PLAIN",
                 "listener.name.sasl.scram-sha-256.sasl.jaas.config="
@@ -355,10 +357,8 @@ class LocalBroker:
             text = self.log_file.read_text(errors="replace")
         except FileNotFoundError:
             text = ""
-        try:
+        with contextlib.suppress(FileNotFoundError):
             text += (self.dir / "logs" / "stdout.log").read_text(errors="replace")
-        except FileNotFoundError:
-            pass
         return "\n".join(text.strip().splitlines()[-lines:])
 
 
@@ -385,12 +385,15 @@ def _is_kafka(pid: int) -> bool:
         return True  # no /proc: trust the pid file
 
 
-def broker_answers(bootstrap: str, timeout_s: float = 5.0, conf: dict[str, object] | None = None) -> bool:
+def broker_answers(
+    bootstrap: str, timeout_s: float = 5.0, conf: dict[str, object] | None = None
+) -> bool:
     """Whether the cluster at ``bootstrap`` answers a metadata request within ``timeout_s``."""
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0, **(conf or {})})
+    settings: dict[str, Any] = {"bootstrap.servers": bootstrap, "log_level": 0, **(conf or {})}
+    admin = AdminClient(settings)
     try:
         md = admin.list_topics(timeout=timeout_s)
     except KafkaException:

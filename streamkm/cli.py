@@ -68,7 +68,9 @@ def _parser() -> argparse.ArgumentParser:
 
     config = sub.add_parser("config", help="inspect settings")
     config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
-    with_config(config_sub.add_parser("show", help="print the effective settings, secrets redacted"))
+    with_config(
+        config_sub.add_parser("show", help="print the effective settings, secrets redacted")
+    )
 
     broker = sub.add_parser("broker", help="a local single-node Apache Kafka for demos and tests")
     broker_sub = broker.add_subparsers(dest="broker_command", metavar="ACTION", required=True)
@@ -79,7 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     ):
         p = broker_sub.add_parser(name, help=text)
         p.add_argument("--port", type=int, default=9092, help="listener port (default 9092)")
-        p.add_argument("--dir", type=Path, help="data directory (default ~/.cache/streamkm/broker-PORT)")
+        p.add_argument(
+            "--dir", type=Path, help="data directory (default ~/.cache/streamkm/broker-PORT)"
+        )
 
     ckpt = sub.add_parser("checkpoint", help="inspect checkpoints")
     ckpt_sub = ckpt.add_subparsers(dest="checkpoint_command", metavar="ACTION", required=True)
@@ -88,9 +92,13 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true", help="print a JSON object")
 
     produce = with_config(sub.add_parser("produce", help="feed vectors to a topic"))
-    produce.add_argument("source", nargs="?", default="-", help="FILE.npy, FILE.csv or - (stdin CSV)")
+    produce.add_argument(
+        "source", nargs="?", default="-", help="FILE.npy, FILE.csv or - (stdin CSV)"
+    )
     produce.add_argument("--topic", help="target topic (default: kafka.input_topic)")
-    produce.add_argument("--format", choices=["float32", "float64", "json"], help="default: input.format")
+    produce.add_argument(
+        "--format", choices=["float32", "float64", "json"], help="default: input.format"
+    )
     produce.add_argument("--bootstrap", help="bootstrap servers (default: kafka.bootstrap_servers)")
     produce.add_argument(
         "--synthetic-rate", type=float, metavar="N",
@@ -99,7 +107,9 @@ def _parser() -> argparse.ArgumentParser:
     produce.add_argument("--dim", type=int, default=16, help="dimension of synthetic vectors")
     produce.add_argument("--count", type=int, help="stop after this many synthetic vectors")
 
-    demo = with_config(sub.add_parser("demo", help="stream a realistic workload through the daemon"))
+    demo = with_config(
+        sub.add_parser("demo", help="stream a realistic workload through the daemon")
+    )
     demo.add_argument("--messages", type=int, default=200_000, help="vectors to stream")
     demo.add_argument("--report", type=Path, metavar="FILE.png", help="draw the run to a PNG")
 
@@ -177,7 +187,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     setup_logging("WARNING", settings.log.format)
-    return run_demo(settings, messages=args.messages, report=args.report, config_given=bool(args.config))
+    return run_demo(
+        settings, messages=args.messages, report=args.report, config_given=bool(args.config)
+    )
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

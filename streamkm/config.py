@@ -118,7 +118,9 @@ class ModelSettings(_Section):
     @model_validator(mode="after")
     def _init_holds_enough(self) -> ModelSettings:
         if self.init_size is not None and self.init_size < self.n_clusters:
-            raise ValueError(f"init_size ({self.init_size}) must be >= n_clusters ({self.n_clusters})")
+            raise ValueError(
+                f"init_size ({self.init_size}) must be >= n_clusters ({self.n_clusters})"
+            )
         return self
 
     @property
@@ -280,7 +282,9 @@ def _check_env_sections() -> None:
         if upper.startswith(ENV_PREFIX) and ENV_DELIMITER in upper:
             section = upper[len(ENV_PREFIX) :].split(ENV_DELIMITER, 1)[0]
             if section not in sections:
-                raise ConfigError(f"{section.lower()}: unknown section (from environment variable {name})")
+                raise ConfigError(
+                    f"{section.lower()}: unknown section (from environment variable {name})"
+                )
 
 
 def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:

@@ -58,7 +58,9 @@ def _feed(conf: dict[str, Any], topic: str, run: DemoRun, stop: threading.Event)
 
     try:
         out = VectorProducer(conf, topic, "float32")
-        stream = DriftingBlobs(DIM, N_CLUSTERS, outlier_fraction=0.01, drift_per_sample=3e-5, seed=7)
+        stream = DriftingBlobs(
+            DIM, N_CLUSTERS, outlier_fraction=0.01, drift_per_sample=3e-5, seed=7
+        )
         chunk = RATE // 20
         start = time.monotonic()
         while run.sent < run.messages and not stop.is_set():
@@ -89,7 +91,9 @@ def _value(registry: CollectorRegistry, name: str, labels: dict[str, str] | None
 def _dead_total(registry: CollectorRegistry) -> float:
     from streamkm.codec import REASONS
 
-    return sum(_value(registry, "streamkm_messages_dead_lettered_total", {"reason": r}) for r in REASONS)
+    return sum(
+        _value(registry, "streamkm_messages_dead_lettered_total", {"reason": r}) for r in REASONS
+    )
 
 
 def _auc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -149,7 +153,9 @@ def run_demo(settings: Settings, messages: int, report: Path | None, config_give
         else:
             print("starting a local Apache Kafka (fetched from Maven Central on first use) ...")
             t0 = time.monotonic()
-            broker = LocalBroker(dir=Path(tempfile.mkdtemp(prefix="streamkm-demo-broker-")), port=_free_port())
+            broker = LocalBroker(
+                dir=Path(tempfile.mkdtemp(prefix="streamkm-demo-broker-")), port=_free_port()
+            )
             bootstrap = broker.start()
             print(f"  Apache Kafka up at {bootstrap} in {time.monotonic() - t0:.1f}s")
         settings = _demo_settings(settings, bootstrap, workdir, config_given)
@@ -171,14 +177,25 @@ def run_demo(settings: Settings, messages: int, report: Path | None, config_give
             broker.stop()
 
 
-def _run(settings: Settings, conf: dict[str, Any], messages: int, report: Path | None, workdir: Path, app_cls: Any) -> int:
+def _run(
+    settings: Settings,
+    conf: dict[str, Any],
+    messages: int,
+    report: Path | None,
+    workdir: Path,
+    app_cls: Any,
+) -> int:
     registry = CollectorRegistry()
     app = app_cls(settings, registry=registry)
     exit_code: list[int] = []
-    daemon = threading.Thread(target=lambda: exit_code.append(app.run()), name="streamkm", daemon=True)
+    daemon = threading.Thread(
+        target=lambda: exit_code.append(app.run()), name="streamkm", daemon=True
+    )
     run = DemoRun(messages=messages)
     stop_feed = threading.Event()
-    feeder = threading.Thread(target=_feed, args=(conf, settings.kafka.input_topic, run, stop_feed), daemon=True)
+    feeder = threading.Thread(
+        target=_feed, args=(conf, settings.kafka.input_topic, run, stop_feed), daemon=True
+    )
     m = settings.metrics
     print(
         f"streaming {messages:,} vectors (dim {DIM}, {N_CLUSTERS} drifting clusters, 1% outliers, "
@@ -206,7 +223,11 @@ def _run(settings: Settings, conf: dict[str, Any], messages: int, report: Path |
                 rate = (consumed - last_in) / (now - last_print)
                 last_print, last_in = now, consumed
                 run.history.append((now - start, inertia, ewma))
-                trend = "" if first_inertia is None else f" ({(ewma / first_inertia - 1) * 100:+.0f}% since start)"
+                trend = (
+                    ""
+                    if first_inertia is None
+                    else f" ({(ewma / first_inertia - 1) * 100:+.0f}% since start)"
+                )
                 print(
                     f"[{now - start:5.1f}s] in {consumed:>9,.0f}  assigned {assigned:>9,.0f}  dead {dead:>5,.0f}"
                     f"  {rate:>8,.0f}/s  inertia {inertia:7.3f}  avg {ewma:7.3f}{trend}"
@@ -227,7 +248,9 @@ def _run(settings: Settings, conf: dict[str, Any], messages: int, report: Path |
     if run.feed_error is not None:
         print(f"feeding failed: {run.feed_error}", file=sys.stderr)
         return 1
-    return _summary(settings, registry, app, run, elapsed, report, workdir, exit_code[0] if exit_code else 1)
+    return _summary(
+        settings, registry, app, run, elapsed, report, workdir, exit_code[0] if exit_code else 1
+    )
 
 
 def _summary(
@@ -246,19 +269,33 @@ def _summary(
     consumed = _value(registry, "streamkm_messages_consumed_total")
     assigned = _value(registry, "streamkm_messages_assigned_total")
     print("\nsummary")
-    print(f"  vectors sent         {run.sent:,} in {elapsed:.1f}s ({consumed / max(elapsed, 1e-9):,.0f}/s consumed)")
+    print(
+        f"  vectors sent         {run.sent:,} in {elapsed:.1f}s ({consumed / max(elapsed, 1e-9):,.0f}/s consumed)"
+    )
     print(f"  assignments          {assigned:,.0f}")
-    dead = {r: _value(registry, "streamkm_messages_dead_lettered_total", {"reason": r}) for r in REASONS}
-    print("  dead letters         " + ", ".join(f"{r} {v:,.0f}" for r, v in dead.items() if v) + f" (sent {run.malformed:,} malformed)")
+    dead = {
+        r: _value(registry, "streamkm_messages_dead_lettered_total", {"reason": r}) for r in REASONS
+    }
+    print(
+        "  dead letters         "
+        + ", ".join(f"{r} {v:,.0f}" for r, v in dead.items() if v)
+        + f" (sent {run.malformed:,} malformed)"
+    )
     if model is not None:
         sizes = np.asarray(model.counts_)
         print(f"  model version        {model.n_steps_} ({model.n_samples_seen_:,.0f} samples)")
-        print(f"  inertia              last batch {model.inertia_:.3f}, moving average {model.inertia_ewma_:.3f}")
+        print(
+            f"  inertia              last batch {model.inertia_:.3f}, moving average {model.inertia_ewma_:.3f}"
+        )
         print("  cluster weights      " + " ".join(f"{s:,.0f}" for s in sizes))
         auc = _outlier_auc(settings, run)
         if auc is not None:
-            print(f"  outlier detection    ROC-AUC {auc:.3f} of the published anomaly scores ({len(run.outliers):,} injected outliers)")
-    print(f"  checkpoints          {settings.checkpoint.dir}  (streamkm checkpoint show {settings.checkpoint.dir})")
+            print(
+                f"  outlier detection    ROC-AUC {auc:.3f} of the published anomaly scores ({len(run.outliers):,} injected outliers)"
+            )
+    print(
+        f"  checkpoints          {settings.checkpoint.dir}  (streamkm checkpoint show {settings.checkpoint.dir})"
+    )
     if report is not None and model is not None:
         from streamkm.report import draw_report
 
@@ -293,9 +330,10 @@ def _outlier_auc(settings: Settings, run: DemoRun) -> float | None:
         while time.monotonic() - idle_since < 2.0:
             msgs = consumer.consume(10_000, 0.5)
             for msg in msgs:
-                if msg.error() is None and msg.key() is not None:
-                    keys.append(int(msg.key()))
-                    scores.append(float(json.loads(msg.value())["score"] or 0.0))
+                key, value = msg.key(), msg.value()
+                if msg.error() is None and key is not None and value is not None:
+                    keys.append(int(key))
+                    scores.append(float(json.loads(value)["score"] or 0.0))
             if msgs:
                 idle_since = time.monotonic()
     finally:

@@ -46,7 +46,8 @@ def dumps(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
     }
     raw = np.frombuffer(json.dumps(header, sort_keys=True).encode(), dtype=np.uint8)
     buf = io.BytesIO()
-    np.savez(buf, **{_HEADER_KEY: raw}, **arrays)
+    members: dict[str, Any] = {_HEADER_KEY: raw, **arrays}
+    np.savez(buf, **members)
     return buf.getvalue()
 
 

@@ -7,7 +7,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError as _CKafkaError, KafkaException, Producer
+from confluent_kafka import Consumer, KafkaException, Producer
+from confluent_kafka import KafkaError as _CKafkaError
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from streamkm.config import Settings
@@ -65,7 +66,9 @@ def to_error(exc: KafkaException | _CKafkaError, doing: str) -> KafkaError:
         return KafkaError(f"{doing}: {exc}")
     message = f"{doing}: {err.str()} ({err.name()})"
     if err.code() in _FENCED_CODES:
-        return FencedError(message + "; another instance uses the same transactional id", err.code(), True)
+        return FencedError(
+            message + "; another instance uses the same transactional id", err.code(), True
+        )
     return KafkaError(message, err.code(), err.fatal())
 
 
@@ -92,7 +95,7 @@ class RateLimitedLog:
 def consumer_config(
     settings: Settings,
     error_cb: Callable[[Any], None],
-    stats_cb: Callable[[str], None] | None,
+    stats_cb: Callable[[str], object] | None,
 ) -> dict[str, Any]:
     """The consumer's librdkafka properties; the ``[kafka.client]`` table wins over defaults."""
     conf: dict[str, Any] = {
@@ -156,7 +159,9 @@ def _client_props(settings: Settings, for_producer: bool) -> dict[str, Any]:
     return {k: v for k, v in settings.librdkafka().items() if not k.startswith(skip)}
 
 
-def make_consumer(settings: Settings, error_cb: Callable[[Any], None], stats_cb: Callable[[str], None] | None) -> Consumer:
+def make_consumer(
+    settings: Settings, error_cb: Callable[[Any], None], stats_cb: Callable[[str], object] | None
+) -> Consumer:
     try:
         return Consumer(consumer_config(settings, error_cb, stats_cb))
     except KafkaException as exc:
@@ -183,7 +188,8 @@ def ensure_topics(
     timeout_s: float = 30.0,
 ) -> None:
     """Create the topics that do not exist yet (``{name: topic_config}``)."""
-    admin = AdminClient({**conf, "logger": _LIBRDKAFKA_LOG})
+    admin_conf: dict[str, Any] = {**conf, "logger": _LIBRDKAFKA_LOG}
+    admin = AdminClient(admin_conf)
     try:
         existing = set(admin.list_topics(timeout=timeout_s).topics)
     except KafkaException as exc:

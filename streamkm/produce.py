@@ -42,7 +42,9 @@ def read_vectors(source: str) -> np.ndarray:
 class VectorProducer:
     """An idempotent producer that counts delivery failures instead of losing them."""
 
-    def __init__(self, conf: dict[str, Any], topic: str, fmt: str, json_field: str | None = None) -> None:
+    def __init__(
+        self, conf: dict[str, Any], topic: str, fmt: str, json_field: str | None = None
+    ) -> None:
         self.topic = topic
         self.fmt = fmt
         self.json_field = json_field

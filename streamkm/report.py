@@ -23,14 +23,18 @@ def draw_report(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str])
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise StreamkmError("drawing a report needs matplotlib: pip install 'streamkm[report]'") from None
+        raise StreamkmError(
+            "drawing a report needs matplotlib: pip install 'streamkm[report]'"
+        ) from None
     ckpt = read_checkpoint(checkpoint)
     model = ckpt.model
     history = np.asarray(ckpt.meta.get("extra", {}).get("history", []), dtype=np.float64)
     centers = np.asarray(model.cluster_centers_, dtype=np.float64)
     counts = np.asarray(model.counts_, dtype=np.float64)
 
-    fig, (ax_curve, ax_sizes, ax_map) = plt.subplots(1, 3, figsize=(16, 4.8), width_ratios=[2.2, 1, 1.3])
+    fig, (ax_curve, ax_sizes, ax_map) = plt.subplots(
+        1, 3, figsize=(16, 4.8), width_ratios=[2.2, 1, 1.3]
+    )
     if len(history):
         seen, last, ewma = history[:, 1], history[:, 2], history[:, 3]
         ax_curve.plot(seen, last, lw=0.8, alpha=0.45, label="last batch")
@@ -38,7 +42,9 @@ def draw_report(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str])
         ax_curve.set_yscale("log")
         ax_curve.legend()
     else:
-        ax_curve.text(0.5, 0.5, "no history in this checkpoint", ha="center", transform=ax_curve.transAxes)
+        ax_curve.text(
+            0.5, 0.5, "no history in this checkpoint", ha="center", transform=ax_curve.transAxes
+        )
     ax_curve.set_title("inertia (mean squared distance per vector)")
     ax_curve.set_xlabel("vectors seen")
 

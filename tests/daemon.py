@@ -8,8 +8,8 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,14 @@ def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
 class Daemon:
     """One ``streamkm run`` process with its own config, checkpoint dir and metrics port."""
 
-    def __init__(self, workdir: Path, bootstrap: str, input_topic: str, output_topic: str, **sections: dict[str, Any]):
+    def __init__(
+        self,
+        workdir: Path,
+        bootstrap: str,
+        input_topic: str,
+        output_topic: str,
+        **sections: dict[str, Any],
+    ):
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = _free_port()
@@ -67,17 +74,14 @@ class Daemon:
 
     def start(self, *extra: str) -> Daemon:
         self.starts += 1
-        log = open(self.log_path, "ab")
-        log.write(f"\n==== start {self.starts} ====\n".encode())
-        log.flush()
         env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMKM_")}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "streamkm.cli", "run", "--config", str(self.config_path), *extra],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        log.close()
+        command = [sys.executable, "-m", "streamkm.cli", "run", "--config", str(self.config_path)]
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n==== start {self.starts} ====\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                [*command, *extra], stdout=log, stderr=subprocess.STDOUT, env=env
+            )
         return self
 
     def url(self, path: str) -> str:
@@ -103,7 +107,9 @@ class Daemon:
             except OSError as exc:
                 last = exc
             time.sleep(0.2)
-        raise TimeoutError(f"{path} did not answer {status} in {timeout_s}s (last: {last})\n{self.tail()}")
+        raise TimeoutError(
+            f"{path} did not answer {status} in {timeout_s}s (last: {last})\n{self.tail()}"
+        )
 
     def assert_running(self) -> None:
         assert self.proc is not None
@@ -118,7 +124,9 @@ class Daemon:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-            raise AssertionError(f"daemon ignored signal {sig} for {timeout_s}s:\n{self.tail()}") from None
+            raise AssertionError(
+                f"daemon ignored signal {sig} for {timeout_s}s:\n{self.tail()}"
+            ) from None
 
     def wait_exit(self, timeout_s: float = 60.0) -> int:
         assert self.proc is not None
@@ -138,11 +146,19 @@ class Daemon:
         assert code == 200
         for family in text_string_to_metric_families(body):
             for sample in family.samples:
-                if sample.name == name and (labels is None or all(sample.labels.get(k) == v for k, v in labels.items())):
+                if sample.name == name and (
+                    labels is None or all(sample.labels.get(k) == v for k, v in labels.items())
+                ):
                     return float(sample.value)
         return None
 
-    def wait_metric(self, name: str, at_least: float, timeout_s: float = 90.0, labels: dict[str, str] | None = None) -> float:
+    def wait_metric(
+        self,
+        name: str,
+        at_least: float,
+        timeout_s: float = 90.0,
+        labels: dict[str, str] | None = None,
+    ) -> float:
         deadline = time.monotonic() + timeout_s
         value = None
         while time.monotonic() < deadline:

@@ -63,7 +63,9 @@ def inertia(centers: np.ndarray, X: np.ndarray) -> float:
     return float(d2.min(1).mean())
 
 
-def feed(bootstrap: str, topic: str, values: list[bytes], done: threading.Event, errors: list) -> None:
+def feed(
+    bootstrap: str, topic: str, values: list[bytes], done: threading.Event, errors: list
+) -> None:
     try:
         chunk = max(1, RATE // 10)
         start = time.monotonic()
@@ -92,7 +94,9 @@ def test_chaos(tmp_path: Path, own_broker: LocalBroker, guarantee: str) -> None:
     rng = random.Random(11)
 
     done, feed_errors = threading.Event(), []
-    feeder = threading.Thread(target=feed, args=(bootstrap, src, values, done, feed_errors), daemon=True)
+    feeder = threading.Thread(
+        target=feed, args=(bootstrap, src, values, done, feed_errors), daemon=True
+    )
     d = Daemon(
         tmp_path / "d", bootstrap, src, out,
         kafka={"group_id": f"chaos-{guarantee}"},
@@ -121,7 +125,9 @@ def test_chaos(tmp_path: Path, own_broker: LocalBroker, guarantee: str) -> None:
 
     log = d.log_path.read_text()
     assert log.count("==== start") == 6
-    sources = Counter((json.loads(m.value())["partition"], json.loads(m.value())["offset"]) for m in got)
+    sources = Counter(
+        (json.loads(m.value())["partition"], json.loads(m.value())["offset"]) for m in got
+    )
     keys = {int(m.key()) for m in got}
     # None missing: every valid input (known by its key) has an assignment.
     assert keys == set(np.flatnonzero(valid).tolist())
@@ -134,4 +140,6 @@ def test_chaos(tmp_path: Path, own_broker: LocalBroker, guarantee: str) -> None:
     assert np.isfinite(ckpt.model.cluster_centers_).all()
     # Quality as an uninterrupted pass over the same inputs in the same batch size.
     calm = StreamingKMeans(n_clusters=K, batch_size=512, random_state=1).fit(X[valid])
-    assert inertia(ckpt.model.cluster_centers_, X[valid]) <= 1.02 * inertia(calm.cluster_centers_, X[valid])
+    assert inertia(ckpt.model.cluster_centers_, X[valid]) <= 1.02 * inertia(
+        calm.cluster_centers_, X[valid]
+    )

@@ -35,7 +35,9 @@ def raw(X: np.ndarray) -> list[bytes | None]:
 
 
 def assignments(bootstrap: str, topic: str, expected: int) -> list[dict]:
-    return [json.loads(m.value()) for m in drain(bootstrap, topic, expected=expected, timeout_s=120)]
+    return [
+        json.loads(m.value()) for m in drain(bootstrap, topic, expected=expected, timeout_s=120)
+    ]
 
 
 def samples_in_checkpoint(d: Daemon) -> tuple[float, dict]:
@@ -43,10 +45,14 @@ def samples_in_checkpoint(d: Daemon) -> tuple[float, dict]:
     return float(ckpt.model.n_samples_seen_), ckpt.offsets
 
 
-def test_n_in_n_out_with_sources_and_clusters(tmp_path: Path, kafka_bootstrap: str, make_topic) -> None:
+def test_n_in_n_out_with_sources_and_clusters(
+    tmp_path: Path, kafka_bootstrap: str, make_topic
+) -> None:
     src, out = make_topic(partitions=3), make_topic()
     X, truth = blobs(3000)
-    placed = produce_values(kafka_bootstrap, src, raw(X), keys=[f"k{i}".encode() for i in range(len(X))])
+    placed = produce_values(
+        kafka_bootstrap, src, raw(X), keys=[f"k{i}".encode() for i in range(len(X))]
+    )
     with Daemon(tmp_path / "d", kafka_bootstrap, src, out) as d:
         d.start()
         got = assignments(kafka_bootstrap, out, expected=len(X))
@@ -56,12 +62,22 @@ def test_n_in_n_out_with_sources_and_clusters(tmp_path: Path, kafka_bootstrap: s
     assert len(got) == len(X) and max(sources.values()) == 1
     assert set(sources) == {(src, p, o) for p, o in placed}
     for a in got:
-        assert set(a) == {"cluster", "distance", "score", "model_version", "topic", "partition", "offset"}
+        assert set(a) == {
+            "cluster",
+            "distance",
+            "score",
+            "model_version",
+            "topic",
+            "partition",
+            "offset",
+        }
         assert 0 <= a["cluster"] < 3 and a["distance"] >= 0 and a["model_version"] >= 1
     # Clusters recovered: every true blob maps to one output cluster (the first batch seeds).
     index = {(p, o): i for i, (p, o) in enumerate(placed)}
     pairs = Counter((truth[index[(a["partition"], a["offset"])]], a["cluster"]) for a in got)
-    purity = sum(max(c for (t, _), c in pairs.items() if t == label) for label in range(3)) / len(got)
+    purity = sum(max(c for (t, _), c in pairs.items() if t == label) for label in range(3)) / len(
+        got
+    )
     assert purity > 0.99
     # The model counted every input once.
     seen, offsets = samples_in_checkpoint(d)
@@ -69,7 +85,9 @@ def test_n_in_n_out_with_sources_and_clusters(tmp_path: Path, kafka_bootstrap: s
     assert sum(offsets.values()) == len(X)
 
 
-def test_keys_are_kept_and_checkpoint_show(tmp_path: Path, kafka_bootstrap: str, make_topic) -> None:
+def test_keys_are_kept_and_checkpoint_show(
+    tmp_path: Path, kafka_bootstrap: str, make_topic
+) -> None:
     src, out = make_topic(), make_topic()
     X, _ = blobs(600, seed=3)
     produce_values(kafka_bootstrap, src, raw(X), keys=[f"key-{i}".encode() for i in range(len(X))])
@@ -85,14 +103,25 @@ def test_keys_are_kept_and_checkpoint_show(tmp_path: Path, kafka_bootstrap: str,
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     summary = json.loads(shown.stdout)
-    assert set(summary) == {"model_version", "n_samples_seen", "n_clusters", "dim", "counts", "offsets"}
-    assert summary["n_samples_seen"] == len(X) and summary["dim"] == DIM and summary["n_clusters"] == 3
+    assert set(summary) == {
+        "model_version",
+        "n_samples_seen",
+        "n_clusters",
+        "dim",
+        "counts",
+        "offsets",
+    }
+    assert (
+        summary["n_samples_seen"] == len(X) and summary["dim"] == DIM and summary["n_clusters"] == 3
+    )
     assert summary["offsets"] == {src: {"0": len(X)}}
     assert abs(sum(summary["counts"]) - len(X)) < 1e-6
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
-def test_restart_continues_from_checkpoint(tmp_path: Path, kafka_bootstrap: str, make_topic, sig) -> None:
+def test_restart_continues_from_checkpoint(
+    tmp_path: Path, kafka_bootstrap: str, make_topic, sig
+) -> None:
     src, out = make_topic(partitions=2), make_topic()
     X, _ = blobs(4000, seed=1)
     first, second = X[:2000], X[2000:]
@@ -108,7 +137,7 @@ def test_restart_continues_from_checkpoint(tmp_path: Path, kafka_bootstrap: str,
         got = assignments(kafka_bootstrap, out, expected=len(X))
         d.wait_metric("streamkm_samples_seen", len(X))
         assert d.stop() == 0
-    seen, offsets = samples_in_checkpoint(d)
+    seen, _ = samples_in_checkpoint(d)
     assert seen == len(X)  # nothing counted twice, nothing missed
     sources = Counter((a["partition"], a["offset"]) for a in got)
     assert len(sources) == len(X)  # every input has its assignment
@@ -125,7 +154,9 @@ BAD_INPUTS = {
 }
 
 
-def test_bad_input_goes_to_dead_letters_with_headers(tmp_path: Path, kafka_bootstrap: str, make_topic) -> None:
+def test_bad_input_goes_to_dead_letters_with_headers(
+    tmp_path: Path, kafka_bootstrap: str, make_topic
+) -> None:
     src, out, dlq = make_topic(), make_topic(), make_topic()
     X, _ = blobs(300, seed=2)
     values = raw(X[:150]) + list(BAD_INPUTS.values()) + raw(X[150:])
@@ -138,7 +169,10 @@ def test_bad_input_goes_to_dead_letters_with_headers(tmp_path: Path, kafka_boots
         got = assignments(kafka_bootstrap, out, expected=len(X))
         dead = drain(kafka_bootstrap, dlq, expected=len(BAD_INPUTS), timeout_s=60)
         for reason in BAD_INPUTS:
-            assert d.wait_metric("streamkm_messages_dead_lettered_total", 1, labels={"reason": reason}) == 1
+            assert (
+                d.wait_metric("streamkm_messages_dead_lettered_total", 1, labels={"reason": reason})
+                == 1
+            )
         assert d.stop() == 0
     assert len(got) == len(X)
     assert len(dead) == len(BAD_INPUTS)
@@ -150,7 +184,9 @@ def test_bad_input_goes_to_dead_letters_with_headers(tmp_path: Path, kafka_boots
     for reason, (m, headers) in by_reason.items():
         assert m.value() == BAD_INPUTS[reason] or (m.value() is None and BAD_INPUTS[reason] == b"")
         offset = int(headers["streamkm.source.offset"])
-        assert headers["streamkm.source.topic"] == src and headers["streamkm.source.partition"] == "0"
+        assert (
+            headers["streamkm.source.topic"] == src and headers["streamkm.source.partition"] == "0"
+        )
         assert placed[offset][1] == offset and values[offset] == BAD_INPUTS[reason]
         assert headers["streamkm.error.message"]
     seen, offsets = samples_in_checkpoint(d)
@@ -158,7 +194,9 @@ def test_bad_input_goes_to_dead_letters_with_headers(tmp_path: Path, kafka_boots
     assert offsets[(src, 0)] == len(values)  # dead letters advance the offsets too
 
 
-def test_metrics_health_and_low_traffic_flush(tmp_path: Path, kafka_bootstrap: str, make_topic) -> None:
+def test_metrics_health_and_low_traffic_flush(
+    tmp_path: Path, kafka_bootstrap: str, make_topic
+) -> None:
     src, out = make_topic(), make_topic()
     X, _ = blobs(400, seed=4)
     produce_values(kafka_bootstrap, src, raw(X[:256]))  # seeds the model (init_size = 256)
@@ -183,14 +221,24 @@ def test_metrics_health_and_low_traffic_flush(tmp_path: Path, kafka_bootstrap: s
         assert d.metric("streamkm_samples_seen") == 261
         assert d.metric("streamkm_batch_duration_seconds_count", {"stage": "model"}) >= 2
         assert d.get("/healthz")[0] == 200
-        d.wait_metric("streamkm_consumer_lag", 0, timeout_s=20, labels={"topic": src, "partition": "0"})
+        d.wait_metric(
+            "streamkm_consumer_lag", 0, timeout_s=20, labels={"topic": src, "partition": "0"}
+        )
         assert d.stop() == 0
 
 
-def test_unwritable_checkpoint_dir_exits_non_zero(tmp_path: Path, kafka_bootstrap: str, make_topic) -> None:
+def test_unwritable_checkpoint_dir_exits_non_zero(
+    tmp_path: Path, kafka_bootstrap: str, make_topic
+) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    with Daemon(tmp_path / "d", kafka_bootstrap, make_topic(), make_topic(), checkpoint={"dir": str(blocker / "ckpt")}) as d:
+    with Daemon(
+        tmp_path / "d",
+        kafka_bootstrap,
+        make_topic(),
+        make_topic(),
+        checkpoint={"dir": str(blocker / "ckpt")},
+    ) as d:
         d.start()
         assert d.wait_exit(60) == 1
     assert "checkpoint directory" in d.tail() and "Traceback" not in d.tail()

@@ -22,16 +22,22 @@ EOS = {"guarantee": "exactly-once"}
 
 def committed_outputs(bootstrap: str, topic: str, expected: int) -> Counter:
     msgs = drain(bootstrap, topic, expected=expected, timeout_s=120, isolation="read_committed")
-    return Counter((json.loads(m.value())["partition"], json.loads(m.value())["offset"]) for m in msgs)
+    return Counter(
+        (json.loads(m.value())["partition"], json.loads(m.value())["offset"]) for m in msgs
+    )
 
 
-def test_exactly_once_survives_sigkill_without_duplicates(tmp_path: Path, kafka_bootstrap: str, make_topic) -> None:
+def test_exactly_once_survives_sigkill_without_duplicates(
+    tmp_path: Path, kafka_bootstrap: str, make_topic
+) -> None:
     src, out = make_topic(partitions=2), make_topic()
     X, _ = blobs(6000, seed=5)
     produce_values(kafka_bootstrap, src, raw(X[:3000]))
     # No checkpoint before the crash (interval of an hour), but committed transactions: the
     # restart must replay those inputs into the model without emitting them again.
-    with Daemon(tmp_path / "d", kafka_bootstrap, src, out, delivery=EOS, checkpoint={"interval_s": 3600}) as d:
+    with Daemon(
+        tmp_path / "d", kafka_bootstrap, src, out, delivery=EOS, checkpoint={"interval_s": 3600}
+    ) as d:
         d.start()
         d.wait_metric("streamkm_samples_seen", 2900)
         assert d.stop(signal.SIGKILL) == -signal.SIGKILL
@@ -46,7 +52,9 @@ def test_exactly_once_survives_sigkill_without_duplicates(tmp_path: Path, kafka_
     assert "replaying" in d.log_path.read_text()
 
 
-def test_a_second_instance_with_the_same_id_fences_the_first(tmp_path: Path, kafka_bootstrap: str, make_topic) -> None:
+def test_a_second_instance_with_the_same_id_fences_the_first(
+    tmp_path: Path, kafka_bootstrap: str, make_topic
+) -> None:
     src, out = make_topic(partitions=2), make_topic()
     X, _ = blobs(1000, seed=6)
     stop = threading.Event()

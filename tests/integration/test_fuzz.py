@@ -67,7 +67,9 @@ def json_bad(rng: random.Random) -> tuple[bytes, str]:
         parts[rng.randrange(DIM)] = bad_elem
         return ("[" + ",".join(parts) + "]").encode(), "bad_shape"
     if kind == 5:  # the wrong top-level shape
-        return rng.choice([b'"text"', b"42", b"null", b"{}", b'{"features": 1}', b"[]"]), "bad_shape"
+        return rng.choice(
+            [b'"text"', b"42", b"null", b"{}", b'{"features": 1}', b"[]"]
+        ), "bad_shape"
     if kind == 6:
         return b"[" + b"1," * (MAX_BYTES // 2 + rng.randrange(1, 1000)) + b"1]", "oversized"
     if kind == 7:
@@ -76,7 +78,9 @@ def json_bad(rng: random.Random) -> tuple[bytes, str]:
 
 
 @pytest.mark.parametrize("fmt", ["float32", "json"])
-def test_fuzzed_input_never_crashes_and_is_sorted_out(tmp_path: Path, kafka_bootstrap: str, make_topic, fmt: str) -> None:
+def test_fuzzed_input_never_crashes_and_is_sorted_out(
+    tmp_path: Path, kafka_bootstrap: str, make_topic, fmt: str
+) -> None:
     rng = random.Random(20 if fmt == "json" else 21)
     gen = np.random.default_rng(3)
     centers = gen.normal(0, 10, size=(4, DIM))
@@ -89,7 +93,9 @@ def test_fuzzed_input_never_crashes_and_is_sorted_out(tmp_path: Path, kafka_boot
             expected[len(values)] = reason
         else:
             v = (centers[rng.randrange(4)] + gen.normal(0, 1, DIM)).astype("<f4")
-            value = v.tobytes() if fmt == "float32" else json.dumps({"features": v.tolist()}).encode()
+            value = (
+                v.tobytes() if fmt == "float32" else json.dumps({"features": v.tolist()}).encode()
+            )
             n_good += 1
         values.append(value)
 

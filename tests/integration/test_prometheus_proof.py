@@ -41,15 +41,21 @@ PROM_CONFIG = REPO / "deploy/prometheus/prometheus.yml"
 def _tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        pytest.fail(f"{name} is not installed: apt-get install prometheus (make test does it as root)")
+        pytest.fail(
+            f"{name} is not installed: apt-get install prometheus (make test does it as root)"
+        )
     return path
 
 
 def test_promtool_accepts_config_and_rules() -> None:
     promtool = _tool("promtool")
-    rules = subprocess.run([promtool, "check", "rules", str(ALERTS)], capture_output=True, text=True)
+    rules = subprocess.run(
+        [promtool, "check", "rules", str(ALERTS)], capture_output=True, text=True
+    )
     assert rules.returncode == 0, rules.stdout + rules.stderr
-    config = subprocess.run([promtool, "check", "config", str(PROM_CONFIG)], capture_output=True, text=True)
+    config = subprocess.run(
+        [promtool, "check", "config", str(PROM_CONFIG)], capture_output=True, text=True
+    )
     assert config.returncode == 0, config.stdout + config.stderr
 
 
@@ -103,7 +109,7 @@ class Prometheus:
         ]
         cfg = workdir / "prometheus.yml"
         cfg.write_text(yaml.safe_dump(config))
-        self.log = open(workdir / "prometheus.log", "wb")
+        self.log = open(workdir / "prometheus.log", "wb")  # noqa: SIM115  (closed in close())
         self.proc = subprocess.Popen(
             [
                 _tool("prometheus"), f"--config.file={cfg}", f"--storage.tsdb.path={workdir / 'tsdb'}",
@@ -142,7 +148,9 @@ class Prometheus:
         self.log.close()
 
 
-def test_every_dashboard_and_alert_expression_returns_data(tmp_path: Path, kafka_bootstrap: str, make_topic) -> None:
+def test_every_dashboard_and_alert_expression_returns_data(
+    tmp_path: Path, kafka_bootstrap: str, make_topic
+) -> None:
     src, out, dlq = make_topic(partitions=2), make_topic(), make_topic()
     rng = np.random.default_rng(0)
     stop = threading.Event()
@@ -195,4 +203,7 @@ def test_every_dashboard_and_alert_expression_returns_data(tmp_path: Path, kafka
 def test_alert_operands_split_as_intended() -> None:
     assert alert_operands('up{job="streamkm"} == 0') == ['up{job="streamkm"}']
     assert alert_operands("a > 3 * b") == ["a", "3 * b"]
-    assert alert_operands("sum by (x) (rate(m[5m])) > 0\nand\nsum(m) > 10000") == ["sum by (x) (rate(m[5m]))", "sum(m)"]
+    assert alert_operands("sum by (x) (rate(m[5m])) > 0\nand\nsum(m) > 10000") == [
+        "sum by (x) (rate(m[5m]))",
+        "sum(m)",
+    ]

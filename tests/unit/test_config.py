@@ -50,9 +50,13 @@ def test_unknown_key_in_file_names_key_and_file(tmp_path: Path) -> None:
     assert str(info.value) == f"model.n_clusterz: unknown key (from config file {path})"
 
 
-def test_bad_type_from_env_names_the_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_type_from_env_names_the_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("STREAMKM_MODEL__BATCH_SIZE", "lots")
-    with pytest.raises(ConfigError, match=r"^model\.batch_size: .*environment variable STREAMKM_MODEL__BATCH_SIZE"):
+    with pytest.raises(
+        ConfigError, match=r"^model\.batch_size: .*environment variable STREAMKM_MODEL__BATCH_SIZE"
+    ):
         load_settings(None)
 
 
@@ -71,7 +75,7 @@ def test_unknown_env_section_is_refused(monkeypatch: pytest.MonkeyPatch) -> None
         ('[delivery]\nguarantee = "maybe-once"\n', "delivery.guarantee"),
         ("[checkpoint]\ninterval_s = -1\n", "checkpoint.interval_s"),
         ("[metrics]\nport = 70000\n", "metrics.port"),
-        ("[kafka.client]\n\"a\" = [1, 2]\n", "kafka.client"),
+        ('[kafka.client]\n"a" = [1, 2]\n', "kafka.client"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path: Path, text: str, key: str) -> None:
