@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -131,6 +132,17 @@ class Daemon:
     def wait_exit(self, timeout_s: float = 60.0) -> int:
         assert self.proc is not None
         return self.proc.wait(timeout=timeout_s)
+
+    def wait_log(self, pattern: str, timeout_s: float = 90.0) -> str:
+        """Wait until a line of the daemon's log matches the regular expression ``pattern``."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.assert_running()
+            match = re.search(pattern, self.log_path.read_text(errors="replace"))
+            if match:
+                return match.group(0)
+            time.sleep(0.2)
+        raise TimeoutError(f"no log line matching {pattern!r} in {timeout_s}s\n{self.tail()}")
 
     def tail(self, lines: int = 40) -> str:
         try:

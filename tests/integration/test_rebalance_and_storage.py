@@ -1,0 +1,97 @@
+"""Rebalances hand partitions over cleanly; checkpoints of another shape are refused."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from streamkm.checkpoint import read as read_checkpoint
+from tests.daemon import Daemon
+from tests.integration.test_daemon import blobs, raw
+from tests.kafka_util import drain, produce_values
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_second_instance_takes_over_partitions_without_loss_or_repeats(
+    tmp_path: Path, kafka_bootstrap: str, make_topic, group_id: str
+) -> None:
+    src, out = make_topic(partitions=4), make_topic()
+    X, _ = blobs(8000, seed=9)
+    produce_values(kafka_bootstrap, src, raw(X[:4000]))
+    common = {"kafka": {"group_id": group_id}}
+    with (
+        Daemon(
+            tmp_path / "a", kafka_bootstrap, src, out, **common, delivery={"instance_id": "a"}
+        ) as a,
+        Daemon(
+            tmp_path / "b", kafka_bootstrap, src, out, **common, delivery={"instance_id": "b"}
+        ) as b,
+    ):
+        a.start()
+        a.wait_metric("streamkm_samples_seen", 4000)
+        # B joins: A gives up some partitions cooperatively, checkpointing and committing first.
+        b.start()
+        b.wait_log(rf"assigned {src}\[")
+        produce_values(kafka_bootstrap, src, raw(X[4000:]))
+        got = drain(kafka_bootstrap, out, expected=len(X), timeout_s=180)
+        assert a.stop() == 0 and b.stop() == 0
+    sources = Counter(
+        (json.loads(m.value())["partition"], json.loads(m.value())["offset"]) for m in got
+    )
+    assert len(sources) == len(X)  # none missing
+    assert max(sources.values()) == 1  # a clean hand-over repeats nothing
+    log_a = a.log_path.read_text()
+    assert "revoked" in log_a
+    seen_a = read_checkpoint(a.checkpoint_dir).model.n_samples_seen_
+    seen_b = read_checkpoint(b.checkpoint_dir).model.n_samples_seen_
+    assert seen_a + seen_b == len(X) and seen_b > 0  # each input counted by exactly one model
+
+
+def test_checkpoint_of_another_shape_is_refused_unless_reset(
+    tmp_path: Path, kafka_bootstrap: str, make_topic
+) -> None:
+    src, out = make_topic(), make_topic()
+    X, _ = blobs(600, seed=10)
+    produce_values(kafka_bootstrap, src, raw(X))
+    with Daemon(tmp_path / "d", kafka_bootstrap, src, out) as d:
+        d.start()
+        d.wait_metric("streamkm_samples_seen", len(X))
+        assert d.stop() == 0
+    before = sorted(p.name for p in d.checkpoint_dir.glob("ckpt-*"))
+    with Daemon(tmp_path / "d", kafka_bootstrap, src, out, model={"n_clusters": 5}) as d5:
+        d5.start()
+        assert d5.wait_exit(60) == 1
+        assert "n_clusters 3 but 5 is configured" in d5.tail()
+        assert sorted(p.name for p in d5.checkpoint_dir.glob("ckpt-*")) == before  # untouched
+        d5.start("--reset-model")
+        d5.wait_metric("streamkm_model_version", 1)
+        assert d5.stop() == 0
+    ckpt = read_checkpoint(d5.checkpoint_dir)
+    assert ckpt.model.n_clusters == 5
+    assert (
+        sorted(p.name for p in next(d5.checkpoint_dir.glob("replaced-*")).glob("ckpt-*")) == before
+    )
+
+
+def test_model_topic_receives_each_checkpointed_model(
+    tmp_path: Path, kafka_bootstrap: str, make_topic
+) -> None:
+    src, out = make_topic(), make_topic()
+    models = make_topic(**{"cleanup.policy": "compact"})
+    X, _ = blobs(1200, seed=11)
+    produce_values(kafka_bootstrap, src, raw(X))
+    with Daemon(tmp_path / "d", kafka_bootstrap, src, out, kafka={"model_topic": models}) as d:
+        d.start()
+        d.wait_metric("streamkm_samples_seen", len(X))
+        assert d.stop() == 0
+    published = [json.loads(m.value()) for m in drain(kafka_bootstrap, models)]
+    assert published, "no model was published"
+    last = published[-1]
+    ckpt = read_checkpoint(d.checkpoint_dir)
+    assert last["model_version"] == ckpt.model.n_steps_
+    assert last["n_samples_seen"] == len(X) and last["dim"] == 4 and last["n_clusters"] == 3
+    assert len(last["centroids"]) == 3 and abs(sum(last["counts"]) - len(X)) < 1e-6
