@@ -95,3 +95,47 @@ def test_model_topic_receives_each_checkpointed_model(
     assert last["model_version"] == ckpt.model.n_steps_
     assert last["n_samples_seen"] == len(X) and last["dim"] == 4 and last["n_clusters"] == 3
     assert len(last["centroids"]) == 3 and abs(sum(last["counts"]) - len(X)) < 1e-6
+
+
+def test_corrupt_newest_checkpoint_falls_back_and_counts_stay_exact(
+    tmp_path: Path, kafka_bootstrap: str, make_topic
+) -> None:
+    src, out = make_topic(), make_topic()
+    X, _ = blobs(3000, seed=12)
+    produce_values(kafka_bootstrap, src, raw(X[:1500]))
+    with Daemon(tmp_path / "d", kafka_bootstrap, src, out, checkpoint={"interval_s": 0.3}) as d:
+        d.start()
+        d.wait_metric("streamkm_samples_seen", 1500)
+        assert d.stop() == 0
+        newest, previous = sorted(d.checkpoint_dir.glob("ckpt-*"), reverse=True)[:2]
+        newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated
+        produce_values(kafka_bootstrap, src, raw(X[1500:]))
+        d.start()
+        d.wait_metric("streamkm_samples_seen", len(X))
+        assert d.stop() == 0
+    log = d.log_path.read_text()
+    assert f"skipping unreadable checkpoint {newest}" in log
+    assert f"restored {previous.name}" in log
+    assert read_checkpoint(d.checkpoint_dir).model.n_samples_seen_ == len(X)
+
+
+def test_checkpoint_dir_lost_mid_run_stops_with_a_clear_error(
+    tmp_path: Path, kafka_bootstrap: str, make_topic
+) -> None:
+    src, out = make_topic(), make_topic()
+    X, _ = blobs(2000, seed=13)
+    produce_values(kafka_bootstrap, src, raw(X[:1000]))
+    with Daemon(tmp_path / "d", kafka_bootstrap, src, out, checkpoint={"interval_s": 0.5}) as d:
+        d.start()
+        d.wait_metric("streamkm_checkpoints_total", 1)
+        d.wait_metric("streamkm_samples_seen", 1000)
+        # The volume goes away: its path now names a file, so no checkpoint can be written.
+        kept = d.checkpoint_dir.rename(tmp_path / "kept")
+        d.checkpoint_dir.write_text("not a directory")
+        produce_values(kafka_bootstrap, src, raw(X[1000:]))
+        assert d.wait_exit(60) == 1
+    errors = [line for line in d.tail().splitlines() if " ERROR " in line]
+    assert errors and "cannot write checkpoint" in errors[-1], d.tail()
+    assert "Traceback" not in d.log_path.read_text()
+    # What was written before is intact and readable.
+    assert 0 < read_checkpoint(kept).model.n_samples_seen_ <= 1000
