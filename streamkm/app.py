@@ -603,15 +603,20 @@ class App:
     def _commit_transaction(self, after: dict[TopicPart, int]) -> None:
         assert self.producer is not None and self.consumer is not None
         producer, consumer = self.producer, self.consumer
+        # A partition still replaying keeps its committed offset: that offset says which
+        # assignments were already published, and moving it back would publish them again.
         offsets = [
-            TopicPartition(t, p, o) for (t, p), o in after.items() if (t, p) in self.assigned
+            TopicPartition(t, p, o)
+            for (t, p), o in after.items()
+            if (t, p) in self.assigned and o >= self.replay_until.get((t, p), 0)
         ]
-        self._txn_call(
-            lambda: producer.send_offsets_to_transaction(
-                offsets, consumer.consumer_group_metadata(), _TXN_TIMEOUT_S
-            ),
-            "sending offsets to the transaction",
-        )
+        if offsets:
+            self._txn_call(
+                lambda: producer.send_offsets_to_transaction(
+                    offsets, consumer.consumer_group_metadata(), _TXN_TIMEOUT_S
+                ),
+                "sending offsets to the transaction",
+            )
         self._txn_call(lambda: producer.commit_transaction(_TXN_TIMEOUT_S), "committing")
 
     def _txn_call(self, call: Any, doing: str) -> None:
