@@ -559,19 +559,18 @@ class StreamingKMeans:
     def _score_coef(self, inv_scale: np.ndarray) -> np.ndarray:
         """Coefficients ``(a_j, b_j)`` of the anomaly score ``min_j a_j·‖x − c_j‖² + b_j``.
 
-        ``a_j = 1/s_j`` and ``b_j = ln s_j − (2/d)·ln π_j`` shifted so that the smallest is 0:
-        the score is ``2/d`` times the negative log-likelihood of the best cluster as an
-        isotropic Gaussian of spread ``s_j`` and weight ``π_j``, up to a constant. Wide or
-        rare clusters thus explain a far point less readily than dense ones, and a centroid
-        that ends up among scattered outliers (large spread, little weight) does not make them
-        look normal.
+        ``a_j = 1/s_j`` normalises by each cluster's spread. ``b_j = (2/d)·ln(π_max/π_j)``,
+        with ``π_j`` the cluster's share of the weight, is the prior term of a Gaussian
+        mixture's log-likelihood per dimension: a rare cluster explains a far point less
+        readily than a common one, so a centroid that ends up among scattered outliers (little
+        weight) does not make them look normal. The spread's own log term is left out on
+        purpose: it would let every member of a wide cluster outscore a point well outside a
+        tight one.
         """
         k = inv_scale.shape[0]
         d = float(self.n_features_in_)
-        counts = self.counts_
-        pi = (counts + 1.0) / (float(counts.sum()) + k)
-        bias = -np.log(inv_scale) - (2.0 / d) * np.log(pi)
-        bias -= bias.min()
+        pi = (self.counts_ + 1.0) / (float(self.counts_.sum()) + k)
+        bias = (2.0 / d) * np.log(float(pi.max()) / pi)
         return np.stack([inv_scale, bias])
 
     def _assign(
@@ -738,9 +737,19 @@ class StreamingKMeans:
         moved_idx = idx[hit]
         g = float(np.median(1.0 / self._inv_scale()))
         per_batch = 1.0 - 0.5 ** (n / (_RECENT_HALF_LIFE_BATCHES * float(self.batch_size)))
-        # a moved centroid starts afresh with the weight of the rows it now takes
+        # A moved centroid starts afresh with the weight of the rows it now takes. Weight is
+        # conserved: the others give up that weight (and what the moved one held) in
+        # proportion, so counts_ still sums to the weight seen (decayed by half_life).
+        total = float(self.counts_.sum())
         self.counts_[moved_idx] = captured[hit]
         self._sse[moved_idx] = captured[hit] * g
+        rest = np.ones(k, dtype=bool)
+        rest[moved_idx] = False
+        held = float(self.counts_[rest].sum())
+        if held > 0:
+            factor = max(total - float(captured[hit].sum()), 0.0) / held
+            self.counts_[rest] *= factor
+            self._sse[rest] *= factor
         self._recent[moved_idx] = captured[hit] / per_batch
         logger.debug("moved centroid(s) %s", moved_idx.tolist())
         diff = self.cluster_centers_[moved_idx].astype(np.float64) - old[hit]
@@ -940,11 +949,14 @@ class StreamingKMeans:
     def anomaly_score(self, X: Any) -> np.ndarray:
         """How anomalous each row is under the current model; higher is more anomalous.
 
-        The score is ``min_j ‖x − c_j‖² / s_j`` where ``s_j`` is a streaming estimate of the
-        mean squared distance of cluster j's rows to its centroid (outliers clipped, shrunk
-        towards the global mean for small clusters). Dividing by each cluster's own spread
-        makes a point that is far for a tight cluster stand out even when a wide, heavy cluster
-        sits at a similar Euclidean distance. An ordinary member of any cluster scores about 1.
+        The score is ``min_j ‖x − c_j‖² / s_j + (2/d)·ln(π_max / π_j)``, where ``s_j`` is a
+        streaming estimate of the mean squared distance of cluster j's rows to its centroid
+        (outliers clipped, shrunk towards the global mean for small clusters) and ``π_j`` the
+        cluster's share of the weight. Dividing by each cluster's own spread makes a point that
+        is far for a tight cluster stand out even when a wide, heavy cluster sits at a similar
+        Euclidean distance; the weight term keeps rare clusters (such as a centroid among
+        scattered outliers) from excusing far points. An ordinary member of the largest
+        cluster scores about 1, of a cluster 100 times rarer about ``1 + 9.2/d``.
         This is the number :meth:`step` returns as ``scores``.
 
         Parameters

@@ -25,7 +25,7 @@ def run_assign(X, C, inv_scale=None, gemm_min_dk=None, second=False):
     n, k = X.shape[0], C.shape[0]
     labels = np.full(n, -1, dtype=np.int64)
     d2 = np.full(n, np.nan)
-    inv = np.empty(0) if inv_scale is None else inv_scale
+    inv = np.empty((0, 0)) if inv_scale is None else inv_scale
     scores = np.full(n if inv_scale is not None else 0, np.nan)
     c_sq = np.einsum("ij,ij->i", C, C)
     work = np.empty(kernel.work_size(k), dtype=X.dtype)
@@ -95,14 +95,15 @@ def test_second_nearest_distance(problem, path):
 
 @settings(max_examples=40, deadline=None)
 @given(problems(), st.sampled_from(sorted(PATHS)))
-def test_scores_are_min_scaled_distance(problem, path):
+def test_scores_are_min_of_affine_scaled_distance(problem, path):
     X, C = problem
     rng = np.random.default_rng(X.shape[0])
-    inv = rng.uniform(0.2, 5.0, size=C.shape[0])
-    _, _, scores = run_assign(X, C, inv_scale=inv, gemm_min_dk=PATHS[path])
+    coef = np.stack([rng.uniform(0.2, 5.0, size=C.shape[0]), rng.uniform(0, 3, size=C.shape[0])])
+    _, _, scores = run_assign(X, C, inv_scale=coef, gemm_min_dk=PATHS[path])
     ref = ref_sq_dist(X, C)
     tol = _tol(X.dtype, X, C) * 5.0
-    np.testing.assert_allclose(scores, (ref * inv[None, :]).min(axis=1), rtol=0, atol=tol)
+    expected = (ref * coef[0][None, :] + coef[1][None, :]).min(axis=1)
+    np.testing.assert_allclose(scores, expected, rtol=0, atol=tol)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -215,6 +215,8 @@ def test_starved_centroid_is_relocated_and_lowers_inertia():
     for m in (with_r, far):  # the uncovered cluster got a centroid
         assert np.sqrt(sq_dist(centres[4:], m.cluster_centers_).min()) < 0.5
     assert (far.counts_ > 0).all()
+    for m in (with_r, far, without):  # weight is conserved through the moves
+        assert m.counts_.sum() == pytest.approx(4000, rel=1e-9)
 
 
 def test_rare_far_group_is_found():
@@ -224,6 +226,7 @@ def test_rare_far_group_is_found():
     X = np.concatenate([main, far])[rng.permutation(20200)].astype(np.float32)
     model = StreamingKMeans(4, batch_size=1024, random_state=0).fit(X)
     assert sq_dist(np.full((1, 3), 50.0), model.cluster_centers_).min() < 1.0
+    assert model.counts_.sum() == pytest.approx(20200, rel=1e-9)
 
 
 def test_group_appearing_mid_stream_gets_a_centroid():
@@ -316,6 +319,19 @@ def test_anomaly_score_normalises_by_cluster_spread():
     assert s[2] < 1.0
     inlier = model.anomaly_score(X)
     assert np.median(inlier) < 1.0 < np.quantile(inlier, 0.99) < 5.0
+
+
+def test_anomaly_score_weighs_rare_clusters():
+    rng = np.random.default_rng(1)
+    common = rng.normal(size=(9900, 4))
+    rare = rng.normal(size=(100, 4)) + np.array([30.0, 0, 0, 0])
+    X = np.concatenate([common, rare])[rng.permutation(10000)].astype(np.float32)
+    model = StreamingKMeans(2, random_state=0).fit(X)
+    s = model.anomaly_score(np.array([[0.0, 0, 0, 2.0], [30.0, 0, 0, 2.0]], dtype=np.float32))
+    # the same offset from its centre: (2/d)·ln(99) more for the rare cluster
+    assert s[1] - s[0] == pytest.approx(0.5 * np.log(9900 / 100), rel=0.1)
+    # a point no cluster explains scores far above both
+    assert model.anomaly_score(np.full((1, 4), 15.0, dtype=np.float32))[0] > 20 * s[1]
 
 
 # ---------------------------------------------------------------- validation

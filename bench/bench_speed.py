@@ -1,0 +1,201 @@
+"""Throughput of StreamingKMeans.partial_fit vs scikit-learn's MiniBatchKMeans.partial_fit.
+
+Both models get the same float32 batches of 1024 rows, the same init method (k-means++),
+``n_init=1`` and 2 threads; timings are interleaved (sklearn, then streamkm, repeat) so that
+both sides share the machine's noise, and the median of the repeats is reported. The first
+call (initialisation, plus JIT compilation or cache load for streamkm) is timed apart.
+
+Run ``python bench/bench_speed.py`` (``--quick`` for fewer repeats, ``--crossover`` to time the
+two assignment paths of the kernel against each other).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _streams import blobs
+
+B = 1024
+CONFIGS = [(16, 8), (64, 32), (128, 100), (384, 256)]
+THREADS = 2
+
+
+def _compile_seconds() -> float:
+    """Import + first step in a fresh interpreter with an empty Numba cache (real JIT cost)."""
+    code = (
+        "import time, numpy as np; t = time.perf_counter();"
+        "from streamkm.model import StreamingKMeans;"
+        "X = np.random.default_rng(0).normal(size=(2048, 16)).astype(np.float32);"
+        "m = StreamingKMeans(8, random_state=0); m.step(X[:1024]); m.partial_fit(X[1024:]);"
+        "print(time.perf_counter() - t)"
+    )
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _time_batches(fn, batches) -> float:
+    t0 = time.perf_counter()
+    for xb in batches:
+        fn(xb)
+    return time.perf_counter() - t0
+
+
+def run(repeats: int, n_batches: int) -> list[dict[str, float]]:
+    from sklearn.cluster import MiniBatchKMeans
+    from threadpoolctl import threadpool_limits
+
+    from streamkm.model import StreamingKMeans
+
+    rows = []
+    with threadpool_limits(limits=THREADS):
+        for d, k in CONFIGS:
+            X, _ = blobs((n_batches + 1) * B, d, k, seed=d + k)
+            first, rest = X[:B], [X[(i + 1) * B : (i + 2) * B] for i in range(n_batches)]
+            t0 = time.perf_counter()
+            ours = StreamingKMeans(k, batch_size=B, random_state=0).partial_fit(first)
+            t_first_ours = time.perf_counter() - t0
+            skl = {}
+            t_first_skl = 0.0
+            for labels in (True, False):
+                t0 = time.perf_counter()
+                skl[labels] = MiniBatchKMeans(
+                    k,
+                    batch_size=B,
+                    init="k-means++",
+                    n_init=1,
+                    random_state=0,
+                    compute_labels=labels,
+                ).partial_fit(first)
+                if labels:
+                    t_first_skl = time.perf_counter() - t0
+            step_model = StreamingKMeans(k, batch_size=B, random_state=0).partial_fit(first)
+            # warm-up: one pass each (caches, BLAS threads, branch predictors)
+            _time_batches(ours.partial_fit, rest[:5])
+            _time_batches(step_model.step, rest[:5])
+            for m in skl.values():
+                _time_batches(m.partial_fit, rest[:5])
+            t = {"skl": [], "skl_nolabels": [], "ours": [], "step": []}
+            for _ in range(repeats):
+                t["skl"].append(_time_batches(skl[True].partial_fit, rest))
+                t["ours"].append(_time_batches(ours.partial_fit, rest))
+                t["skl_nolabels"].append(_time_batches(skl[False].partial_fit, rest))
+                t["step"].append(_time_batches(step_model.step, rest))
+            n_rows = n_batches * B
+            rate = {name: n_rows / float(np.median(v)) for name, v in t.items()}
+            rows.append(
+                {
+                    "d": d,
+                    "k": k,
+                    **rate,
+                    "first_ours": t_first_ours,
+                    "first_skl": t_first_skl,
+                }
+            )
+    return rows
+
+
+def crossover(repeats: int) -> None:
+    """Time the direct and the GEMM assignment paths over a grid of (d, k)."""
+    from threadpoolctl import threadpool_limits
+
+    from streamkm import kernel
+
+    rng = np.random.default_rng(0)
+    print("| dtype | d | k | d·k | direct µs | GEMM µs | faster |")
+    print("|---|---|---|---|---|---|---|")
+    with threadpool_limits(limits=THREADS):
+        for dt in (np.float32, np.float64):
+            for d, k in [
+                (2, 8),
+                (4, 16),
+                (8, 16),
+                (16, 8),
+                (8, 32),
+                (16, 16),
+                (32, 16),
+                (16, 32),
+                (32, 32),
+                (64, 32),
+                (128, 100),
+            ]:
+                X = rng.standard_normal((B, d)).astype(dt)
+                C = rng.standard_normal((k, d)).astype(dt)
+                c_sq = np.einsum("ij,ij->i", C, C)
+                lab, d2 = np.empty(B, np.int64), np.empty(B)
+                coef, sc = np.empty((0, 0)), np.empty(0)
+                work = np.empty(kernel.work_size(k), dt)
+                args = (X, C, c_sq, coef, lab, d2, sc, work)
+                fns = {
+                    name: (lambda th=th, a=args: kernel.assign(*a, gemm_min_dk=th))
+                    for name, th in (("direct", 1 << 60), ("gemm", 0))
+                }
+                for f in fns.values():
+                    f()
+                samples: dict[str, list[float]] = {name: [] for name in fns}
+                for _ in range(repeats):
+                    for name, f in fns.items():
+                        t0 = time.perf_counter()
+                        for _ in range(20):
+                            f()
+                        samples[name].append((time.perf_counter() - t0) / 20 * 1e6)
+                res = {name: float(np.median(v)) for name, v in samples.items()}
+                fast = min(res, key=res.__getitem__)
+                print(
+                    f"| {np.dtype(dt).name} | {d} | {k} | {d * k} | {res['direct']:.1f} | "
+                    f"{res['gemm']:.1f} | {fast} |"
+                )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--batches", type=int, default=50)
+    parser.add_argument("--quick", action="store_true", help="3 repeats of 20 batches")
+    parser.add_argument("--crossover", action="store_true")
+    args = parser.parse_args()
+    if args.quick:
+        args.repeats, args.batches = 3, 20
+    if args.crossover:
+        crossover(args.repeats)
+        return
+    compile_s = _compile_seconds()
+    rows = run(args.repeats, args.batches)
+    print(
+        f"partial_fit throughput, float32, B={B}, {THREADS} threads, "
+        f"median of {args.repeats} repeats × {args.batches} batches (vectors/s)\n"
+    )
+    print(
+        "| d | k | sklearn MBK | sklearn MBK compute_labels=False | streamkm partial_fit "
+        "| ratio vs MBK | ratio vs MBK no labels | streamkm step | first call streamkm / "
+        "sklearn |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['d']} | {r['k']} | {r['skl']:,.0f} | {r['skl_nolabels']:,.0f} | "
+            f"{r['ours']:,.0f} | {r['ours'] / r['skl']:.2f}× | "
+            f"{r['ours'] / r['skl_nolabels']:.2f}× | {r['step']:,.0f} | "
+            f"{r['first_ours'] * 1e3:.0f} ms / {r['first_skl'] * 1e3:.0f} ms |"
+        )
+    print(
+        f"\nJIT compile (fresh Numba cache: import + first step + first partial_fit): "
+        f"{compile_s:.1f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()
