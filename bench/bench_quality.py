@@ -63,6 +63,34 @@ class RandomReassignKMeans(StreamingKMeans):
         return float(np.sqrt((diff * diff).sum(axis=1)).sum())
 
 
+class SplitLargestKMeans(StreamingKMeans):
+    """StreamingKMeans with Spark StreamingKMeans' rule, for the ablation only.
+
+    A starved centroid is moved next to the heaviest one, which is split in two: both keep
+    half of its weight and sit a small perturbation apart, so the next batches pull them
+    apart.
+    """
+
+    def _relocate(self, X, w, labels, d2, d2_second) -> float:  # type: ignore[no-untyped-def]
+        ratio = float(self.reassignment_ratio)
+        recent = self._recent
+        starved = np.flatnonzero(recent < ratio * recent.max())
+        moved = 0.0
+        for j in starved:
+            big = int(np.argmax(self.counts_))
+            if big == j:
+                continue
+            old = self.cluster_centers_[j].astype(np.float64)
+            scale = 1e-3 * (np.abs(self.cluster_centers_[big]).mean() + 1e-12)
+            noise = self._rng.normal(size=self.cluster_centers_.shape[1]) * scale
+            self.cluster_centers_[j] = self.cluster_centers_[big] + noise
+            self.cluster_centers_[big] -= noise
+            for arr in (self.counts_, self._recent, self._sse):
+                arr[j] = arr[big] = arr[big] / 2
+            moved += float(np.linalg.norm(self.cluster_centers_[j] - old))
+        return moved
+
+
 def inertia(X: np.ndarray, C: np.ndarray) -> float:
     X64 = X.astype(np.float64)
     C64 = C.astype(np.float64)
@@ -117,6 +145,9 @@ def run(seeds: int) -> list[dict]:
                     "sklearn-style reassignment": RandomReassignKMeans(
                         k, batch_size=B, random_state=seed, **extra
                     ),
+                    "Spark-style split-the-largest": SplitLargestKMeans(
+                        k, batch_size=B, random_state=seed, **extra
+                    ),
                     "MiniBatchKMeans": MiniBatchKMeans(
                         k, batch_size=B, init="k-means++", n_init=1, random_state=seed
                     ),
@@ -145,6 +176,7 @@ def main() -> None:
         "MiniBatchKMeans",
         "no relocation",
         "sklearn-style reassignment",
+        "Spark-style split-the-largest",
         "streamkm no half_life",
     ]
     print(

@@ -150,6 +150,7 @@ class App:
         self.fatal: StreamkmError | None = None
         self.delivery_errors: list[str] = []
         self.heartbeat = time.monotonic()
+        self.last_kafka_error: str | None = None  # shown by /readyz while unassigned
         self.rate_log = RateLimitedLog(log)
         self.consumer: Consumer | None = None
         self.producer: Producer | None = None
@@ -174,7 +175,6 @@ class App:
             server = self.metrics.serve(
                 self.settings.metrics.host, self.settings.metrics.port, self._health, self._ready
             )
-            log.info("metrics at %s", server.url)
             self._open_clients()
             self._loop()
             self._shutdown()
@@ -278,6 +278,7 @@ class App:
             self.fatal = to_error(KafkaException(err), "Kafka client")
             self.stop_event.set()
         else:
+            self.last_kafka_error = err.str()
             self.rate_log.warning(f"kafka-{err.code()}", "Kafka: %s", err.str())
 
     def _on_delivery(self, err: Any, msg: Message) -> None:
@@ -308,6 +309,7 @@ class App:
                         "replaying %s[%d] offsets %d..%d into the model", *key, start, done - 1
                     )
             self.assigned.add(key)
+        self.last_kafka_error = None
         log.info("assigned %s", _fmt_tps(partitions))
         if is_cooperative(self._consumer_conf):
             consumer.incremental_assign(partitions)
@@ -818,6 +820,8 @@ class App:
 
     def _ready(self) -> tuple[bool, str]:
         if not self.assigned:
+            if self.last_kafka_error:
+                return False, f"no partitions assigned; last Kafka error: {self.last_kafka_error}"
             return False, "no partitions assigned"
         if self.model is None:
             return False, "model not initialised yet"

@@ -40,10 +40,17 @@ REDACTED = "**********"
 ClientValue = str | int | float | bool
 
 
+_SECRET_MARKERS = ("password", "secret", "passphrase", "key.pem", "oauthbearer.config")
+
+
 def is_secret_property(name: str) -> bool:
-    """Whether a librdkafka property holds a secret (its value is never shown)."""
+    """Whether a librdkafka property holds a secret (its value is never shown).
+
+    Passwords, secrets and passphrases, inline private keys (``ssl.key.pem``,
+    ``sasl.oauthbearer.assertion.private.key.pem``) and the OAUTHBEARER config string.
+    """
     lowered = name.lower()
-    return "password" in lowered or "secret" in lowered
+    return any(marker in lowered for marker in _SECRET_MARKERS)
 
 
 class _Section(BaseModel):
@@ -312,17 +319,19 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     class _FromFile(Settings):
         toml_file = toml_path
 
+    problem: str | None = None
     try:
-        loaded = _FromFile()
+        return _FromFile()
     except ValidationError as exc:
         errors = exc.errors(include_input=False)
-        first = _describe(dict(errors[0]), toml_path)
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise ConfigError(first + more) from None
+        problem = _describe(dict(errors[0]), toml_path) + more
     except (ValueError, json.JSONDecodeError) as exc:
         # pydantic-settings parses complex env values as JSON before validation.
-        raise ConfigError(f"environment: {exc}") from None
-    return loaded
+        problem = f"environment: {exc}"
+    # Raised outside the except block: the original error holds the raw (maybe secret) input
+    # and must not travel along as this exception's context.
+    raise ConfigError(problem)
 
 
 def to_toml(data: dict[str, Any]) -> str:

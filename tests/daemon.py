@@ -47,8 +47,12 @@ class Daemon:
         bootstrap: str,
         input_topic: str,
         output_topic: str,
+        env: dict[str, str] | None = None,
         **sections: dict[str, Any],
     ):
+        # The process gets none of the test process's STREAMKM_* variables (a developer's
+        # shell must not change a test), only those given in ``env``.
+        self.env = dict(env or {})
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = _free_port()
@@ -76,6 +80,7 @@ class Daemon:
     def start(self, *extra: str) -> Daemon:
         self.starts += 1
         env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMKM_")}
+        env.update(self.env)
         command = [sys.executable, "-m", "streamkm.cli", "run", "--config", str(self.config_path)]
         with open(self.log_path, "ab") as log:
             log.write(f"\n==== start {self.starts} ====\n".encode())
