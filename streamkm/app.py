@@ -590,6 +590,7 @@ class App:
             except KafkaException as exc:
                 err = to_error(exc, f"producing to {topic}")
                 if self.exactly_once and not err.fatal:
+                    self._abort()  # the open transaction must not stay half-filled
                     raise _Abort(str(err)) from None
                 raise err from None
 
