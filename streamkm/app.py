@@ -380,7 +380,8 @@ class App:
     def _init_rows(self) -> int:
         cfg = self.settings.model
         if cfg.init.endswith(".npy"):
-            return cfg.n_clusters if cfg.batch_size < cfg.n_clusters else cfg.batch_size
+            # Given centroids need no seeding buffer: the first batch is a normal one.
+            return max(cfg.batch_size, cfg.n_clusters)
         return cfg.effective_init_size
 
     def _ingest(self, messages: list[Any]) -> None:
