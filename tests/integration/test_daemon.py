@@ -242,3 +242,21 @@ def test_unwritable_checkpoint_dir_exits_non_zero(
         d.start()
         assert d.wait_exit(60) == 1
     assert "checkpoint directory" in d.tail() and "Traceback" not in d.tail()
+
+
+def test_init_from_a_npy_file_of_centroids(
+    tmp_path: Path, kafka_bootstrap: str, make_topic
+) -> None:
+    src, out = make_topic(), make_topic()
+    X, truth = blobs(600, seed=14)
+    centers = np.stack([X[truth == j].mean(axis=0) for j in range(3)]).astype(np.float32)
+    init = tmp_path / "centroids.npy"
+    np.save(init, centers)
+    produce_values(kafka_bootstrap, src, raw(X))
+    with Daemon(tmp_path / "d", kafka_bootstrap, src, out, model={"init": str(init)}) as d:
+        d.start()
+        got = assignments(kafka_bootstrap, out, expected=len(X))
+        assert d.stop() == 0
+    # Given centroids keep their order: cluster j is the blob whose centre was row j.
+    labels = {a["offset"]: a["cluster"] for a in got}
+    assert all(labels[i] == truth[i] for i in range(len(X)))
