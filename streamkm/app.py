@@ -352,11 +352,15 @@ class App:
         max_wait_s = model_cfg.max_batch_wait_ms / 1000.0
         capacity = max(model_cfg.batch_size, model_cfg.effective_init_size)
         self.batcher = Batcher(capacity, max_wait_s, dtype=np.float32)
+        idle_wait_s = max(0.005, max_wait_s / 5)
         while not self.stop_event.is_set():
             self.heartbeat = time.monotonic()
             need = self._rows_needed()
             due = self.batcher.time_until_due()
-            timeout = _POLL_MAX_S if due is None else min(_POLL_MAX_S, due)
+            # consume() waits until it has `need` messages or the timeout passes, and rows
+            # count their wait only from then: with nothing buffered, keep that wait a small
+            # part of max_batch_wait_ms so a quiet stream still meets its latency bound.
+            timeout = min(_POLL_MAX_S, idle_wait_s if due is None else due)
             if need > 0:
                 try:
                     messages = self.consumer.consume(num_messages=need, timeout=timeout)

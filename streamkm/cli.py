@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -200,9 +201,22 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _single_threaded_blas() -> None:
+    """One BLAS thread unless the user says otherwise.
+
+    The daemon shares its cores with librdkafka's threads (and often a broker); BLAS threads
+    that wait for a core slow the assignment GEMM down more than they speed it up. Must run
+    before numpy is imported.
+    """
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(name, "1")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``streamkm`` console script."""
     args = _parser().parse_args(argv)
+    if args.command in ("run", "demo"):
+        _single_threaded_blas()
     handlers = {
         "config": _cmd_config_show,
         "broker": _cmd_broker,
