@@ -91,10 +91,18 @@ def test_keys_are_kept_and_checkpoint_show(
     src, out = make_topic(), make_topic()
     X, _ = blobs(600, seed=3)
     produce_values(kafka_bootstrap, src, raw(X), keys=[f"key-{i}".encode() for i in range(len(X))])
-    with Daemon(tmp_path / "d", kafka_bootstrap, src, out) as d:
+    with Daemon(tmp_path / "d", kafka_bootstrap, src, out, log={"format": "json"}) as d:
         d.start()
         msgs = drain(kafka_bootstrap, out, expected=len(X), timeout_s=120)
         assert d.stop() == 0
+    # JSON logs: every line one object; a checkpoint line tells rate, lag and inertia.
+    lines = [ln for ln in d.log_path.read_text().splitlines() if ln and not ln.startswith("====")]
+    records = [json.loads(ln) for ln in lines]
+    assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
+    ckpt_lines = [r["message"] for r in records if r["message"].startswith("checkpoint ")]
+    assert ckpt_lines and all(
+        "vectors/s" in m and "lag" in m and "inertia" in m for m in ckpt_lines
+    )
     assert {m.key() for m in msgs} == {f"key-{i}".encode() for i in range(len(X))}
     for m in msgs:
         assert m.key() == f"key-{json.loads(m.value())['offset']}".encode()
