@@ -39,44 +39,17 @@ from prometheus_client import (
 )
 
 from streamkm import __version__
+from streamkm.codec import REASONS
 
 logger = logging.getLogger(__name__)
 
 STAGES = ("decode", "model", "produce")
-DEAD_LETTER_REASONS = ("empty", "oversized", "undecodable", "bad_shape", "wrong_dim", "non_finite")
-BATCH_BUCKETS = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-)
-CHECKPOINT_BUCKETS = (
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
-)
+# Dead-letter reasons are the decoder's; their series exist (at 0) from the start.
+DEAD_LETTER_REASONS = REASONS
+# Bucket bounds in seconds: 1-2.5-5 steps from 1 ms to 10 s, widened for each histogram.
+_STEPS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (0.0005, *_STEPS)
+CHECKPOINT_BUCKETS = (*_STEPS, 30.0, 60.0)
 
 HealthCheck = Callable[[], tuple[bool, str]]
 
