@@ -91,7 +91,7 @@ class Metrics:
         self._server: MetricsServer | None = None
         self._lag_labels: set[tuple[str, str]] = set()
         self._total_lag: float | None = None
-        self._n_cluster_labels = 0
+        self._cluster_gauges: list[Any] = []
         self._lock = threading.Lock()
         r = registry
 
@@ -221,12 +221,15 @@ class Metrics:
         counts = getattr(model, "counts_", None)
         if counts is not None:
             sizes = np.asarray(counts, dtype=np.float64).tolist()
-            if len(sizes) != self._n_cluster_labels:
-                # Fewer clusters than before (a reset model): drop the stale series.
+            if len(sizes) != len(self._cluster_gauges):
+                # Another number of clusters than before (a reset model): new series.
                 self.cluster_size.clear()
-                self._n_cluster_labels = len(sizes)
-            for j, size in enumerate(sizes):
-                self.cluster_size.labels(cluster=str(j)).set(size)
+                # The labelled children are kept: .labels() per cluster per batch is costly.
+                self._cluster_gauges = [
+                    self.cluster_size.labels(cluster=str(j)) for j in range(len(sizes))
+                ]
+            for gauge, size in zip(self._cluster_gauges, sizes, strict=True):
+                gauge.set(size)
 
     def update_lag_from_stats(self, stats_json: str) -> int:
         """Set ``streamkm_consumer_lag`` from librdkafka's statistics JSON.
