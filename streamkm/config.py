@@ -334,16 +334,21 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     raise ConfigError(problem)
 
 
-def to_toml(data: dict[str, Any]) -> str:
-    """Render :meth:`Settings.redacted` as TOML (unset optional keys as comments)."""
-    lines: list[str] = []
+def _toml_scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))
 
-    def scalar(value: Any) -> str:
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        if isinstance(value, int | float):
-            return repr(value)
-        return json.dumps(str(value))
+
+def to_toml(data: dict[str, Any]) -> str:
+    """Render settings data (e.g. :meth:`Settings.redacted`) as TOML.
+
+    ``{section: {key: value, table: {key: value}}}``; unset (None) keys become comments.
+    """
+    lines: list[str] = []
+    scalar = _toml_scalar
 
     for section, values in data.items():
         lines.append(f"[{section}]")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -15,26 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from streamkm.broker import _free_port
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    return json.dumps(str(value))
+from streamkm.config import to_toml
 
 
 def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
-    lines: list[str] = []
-    for section, values in sections.items():
-        lines.append(f"[{section}]")
-        tables = {k: v for k, v in values.items() if isinstance(v, dict)}
-        lines += [f"{k} = {toml_value(v)}" for k, v in values.items() if not isinstance(v, dict)]
-        for name, table in tables.items():
-            lines.append(f"[{section}.{name}]")
-            lines += [f"{json.dumps(k)} = {toml_value(v)}" for k, v in table.items()]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(to_toml(sections))
     return path
 
 
