@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 from confluent_kafka import (
-    OFFSET_INVALID,
     Consumer,
     KafkaException,
     Message,
@@ -257,7 +256,7 @@ class App:
     def _open_clients(self) -> None:
         stats_cb = self.metrics.update_lag_from_stats
         self._consumer_conf = consumer_config(self.settings, self._on_error, stats_cb)
-        self.consumer = make_consumer(self.settings, self._on_error, stats_cb)
+        self.consumer = make_consumer(self._consumer_conf)
         self.producer = make_producer(self.settings, self._on_error, self._on_delivery)
         if self.exactly_once:
             try:
@@ -850,4 +849,4 @@ def _fmt_offsets(offsets: dict[TopicPart, int]) -> str:
     return ", ".join(f"{t}[{p}]={o}" for (t, p), o in sorted(offsets.items())) or "none"
 
 
-__all__ = ["OFFSET_INVALID", "App"]
+__all__ = ["App"]

@@ -161,11 +161,10 @@ def _client_props(settings: Settings, for_producer: bool) -> dict[str, Any]:
     return {k: v for k, v in settings.librdkafka().items() if not k.startswith(skip)}
 
 
-def make_consumer(
-    settings: Settings, error_cb: Callable[[Any], None], stats_cb: Callable[[str], object] | None
-) -> Consumer:
+def make_consumer(conf: dict[str, Any]) -> Consumer:
+    """A consumer from :func:`consumer_config`'s properties, errors mapped to streamkm's."""
     try:
-        return Consumer(consumer_config(settings, error_cb, stats_cb))
+        return Consumer(conf)
     except KafkaException as exc:
         raise to_error(exc, "creating the consumer") from None
 
