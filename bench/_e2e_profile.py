@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from e2e import OUT_TOPIC_CONF, Bench, Scale, stop, vector_rows
 
-from streamkm.broker import LocalBroker, _free_port
+from streamkm.broker import LocalBroker, free_port
 from tests.kafka_util import create_topic
 
 
@@ -87,7 +87,7 @@ def main() -> int:
     )
     args = p.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="streamkm-e2e-prof-"))
-    broker = LocalBroker(dir=workdir / "broker", port=_free_port())
+    broker = LocalBroker(dir=workdir / "broker", port=free_port())
     n, d, k = args.messages, args.dim, args.k
     try:
         bench = Bench(broker.start(), workdir, Scale(n, 1, 0.0, 0.0, (0, 0)))

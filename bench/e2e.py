@@ -60,7 +60,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from _streams import blobs  # noqa: E402
 
-from streamkm.broker import LocalBroker, _free_port  # noqa: E402
+from streamkm.broker import LocalBroker, free_port  # noqa: E402
 from tests.daemon import write_config  # noqa: E402
 from tests.kafka_util import create_topic  # noqa: E402
 
@@ -309,7 +309,7 @@ class Bench:
                     "model": {"n_clusters": k, "batch_size": BATCH, "max_batch_wait_ms": WAIT_MS,
                               "seed": 0},
                     "checkpoint": {"dir": str(wd / "ckpt")},
-                    "metrics": {"host": "127.0.0.1", "port": _free_port()},
+                    "metrics": {"host": "127.0.0.1", "port": free_port()},
                     "log": {"level": "INFO"},
                 },
             )  # fmt: skip
@@ -538,7 +538,7 @@ def main() -> int:
     )
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="streamkm-e2e-"))
-    broker = LocalBroker(dir=workdir / "broker", port=_free_port())
+    broker = LocalBroker(dir=workdir / "broker", port=free_port())
     results: list[Result] = []
     try:
         bench = Bench(broker.start(), workdir, scale)

@@ -135,7 +135,8 @@ def ensure_kafka_jars(version: str = KAFKA_VERSION) -> Path:
     return libs
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (for brokers, metrics and tests)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -288,7 +289,7 @@ class LocalBroker:
             state: dict[str, object] = json.loads(self._state_file.read_text())
         else:
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-            state = {"cluster_id": cluster_id, "controller_port": _free_port()}
+            state = {"cluster_id": cluster_id, "controller_port": free_port()}
             self._state_file.write_text(json.dumps(state))
         return state
 

@@ -110,7 +110,7 @@ def _auc(scores: np.ndarray, positive: np.ndarray) -> float:
 def _demo_settings(base: Settings, bootstrap: str, workdir: Path, config_given: bool) -> Settings:
     if config_given:
         return base
-    from streamkm.broker import _free_port
+    from streamkm.broker import free_port
 
     data: dict[str, Any] = {
         "kafka": {
@@ -130,7 +130,7 @@ def _demo_settings(base: Settings, bootstrap: str, workdir: Path, config_given: 
             "seed": 0,
         },
         "checkpoint": {"dir": str(workdir / "checkpoints"), "interval_s": 5.0, "keep": 3},
-        "metrics": {"host": "127.0.0.1", "port": _free_port()},
+        "metrics": {"host": "127.0.0.1", "port": free_port()},
         "log": {"level": "WARNING"},
     }
     return Settings.model_validate(data)
@@ -139,7 +139,7 @@ def _demo_settings(base: Settings, bootstrap: str, workdir: Path, config_given: 
 def run_demo(settings: Settings, messages: int, report: Path | None, config_given: bool) -> int:
     """Run the demo; return the exit status."""
     from streamkm.app import App
-    from streamkm.broker import LocalBroker, _free_port
+    from streamkm.broker import LocalBroker, free_port
     from streamkm.kafka import ensure_topics
 
     env_bootstrap = os.environ.get("STREAMKM_KAFKA__BOOTSTRAP_SERVERS")
@@ -154,7 +154,7 @@ def run_demo(settings: Settings, messages: int, report: Path | None, config_give
             print("starting a local Apache Kafka (fetched from Maven Central on first use) ...")
             t0 = time.monotonic()
             broker = LocalBroker(
-                dir=Path(tempfile.mkdtemp(prefix="streamkm-demo-broker-")), port=_free_port()
+                dir=Path(tempfile.mkdtemp(prefix="streamkm-demo-broker-")), port=free_port()
             )
             bootstrap = broker.start()
             print(f"  Apache Kafka up at {bootstrap} in {time.monotonic() - t0:.1f}s")

@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from streamkm.broker import _free_port
+from streamkm.broker import free_port
 from streamkm.config import to_toml
 
 
@@ -39,7 +39,7 @@ class Daemon:
         self.env = dict(env or {})
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
-        self.port = _free_port()
+        self.port = free_port()
         config: dict[str, dict[str, Any]] = {
             "kafka": {"bootstrap_servers": bootstrap, "input_topic": input_topic, "output_topic": output_topic,
                       "group_id": f"g-{uuid.uuid4().hex[:10]}"},

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka.admin import AdminClient
 
-from streamkm.broker import _free_port
+from streamkm.broker import free_port
 from tests.kafka_util import create_topic
 
 pytestmark = pytest.mark.integration
@@ -26,7 +26,7 @@ def broker_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_start_stop_status_and_topics_survive_a_restart(tmp_path: Path) -> None:
-    port, data = str(_free_port()), str(tmp_path / "broker")
+    port, data = str(free_port()), str(tmp_path / "broker")
     where = ["--port", port, "--dir", data]
     try:
         started = broker_cli("start", *where)

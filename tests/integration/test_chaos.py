@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streamkm.broker import LocalBroker, _free_port
+from streamkm.broker import LocalBroker, free_port
 from streamkm.checkpoint import read as read_checkpoint
 from streamkm.model import StreamingKMeans
 from tests.daemon import Daemon
@@ -41,7 +41,7 @@ BAD_EVERY = 97  # every 97th message is malformed
 @pytest.fixture(scope="module")
 def own_broker(tmp_path_factory: pytest.TempPathFactory):
     """A broker of this module's own: it is stopped and restarted during the test."""
-    broker = LocalBroker(dir=tmp_path_factory.mktemp("chaos-broker"), port=_free_port())
+    broker = LocalBroker(dir=tmp_path_factory.mktemp("chaos-broker"), port=free_port())
     broker.start()
     yield broker
     broker.stop()

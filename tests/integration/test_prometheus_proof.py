@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import yaml
 
-from streamkm.broker import _free_port
+from streamkm.broker import free_port
 from tests.daemon import Daemon
 from tests.kafka_util import produce_values
 
@@ -98,7 +98,7 @@ def alert_operands(expr: str) -> list[str]:
 
 class Prometheus:
     def __init__(self, workdir: Path, target: str) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         config = yaml.safe_load(PROM_CONFIG.read_text())
         config["global"].update({"scrape_interval": "1s", "evaluation_interval": "1s"})
         config["rule_files"] = [str(ALERTS)]

@@ -28,7 +28,7 @@ import pytest
 from confluent_kafka import KafkaException, Producer
 from prometheus_client.parser import text_string_to_metric_families
 
-from streamkm.broker import LocalBroker, ScramUser, _free_port
+from streamkm.broker import LocalBroker, ScramUser, free_port
 from streamkm.checkpoint import CheckpointStore
 from streamkm.checkpoint import read as read_checkpoint
 from streamkm.config import REDACTED, load_settings
@@ -51,8 +51,8 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
     """A local Apache Kafka with a SASL listener and the user ``USER``/``PASSWORD``."""
     local = LocalBroker(
         dir=tmp_path_factory.mktemp("sasl-broker"),
-        port=_free_port(),
-        sasl_port=_free_port(),
+        port=free_port(),
+        sasl_port=free_port(),
         scram_users=(ScramUser(USER, PASSWORD),),
     )
     try:
