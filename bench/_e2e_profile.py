@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from e2e import OUT_TOPIC_CONF, Bench, Scale, stop, vector_rows
 
-from streamkm.broker import LocalBroker, free_port
+from streamkm.tools.broker import LocalBroker, free_port
 from tests.kafka_util import create_topic
 
 

@@ -60,7 +60,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from _streams import blobs  # noqa: E402
 
-from streamkm.broker import LocalBroker, free_port  # noqa: E402
+from streamkm.tools.broker import LocalBroker, free_port  # noqa: E402
 from tests.daemon import write_config  # noqa: E402
 from tests.kafka_util import create_topic  # noqa: E402
 

@@ -128,7 +128,7 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_broker(args: argparse.Namespace) -> int:
-    from streamkm.broker import LocalBroker, default_broker_dir
+    from streamkm.tools.broker import LocalBroker, default_broker_dir
 
     broker = LocalBroker(dir=args.dir or default_broker_dir(args.port), port=args.port)
     if args.broker_command == "start":
@@ -175,7 +175,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_produce(args: argparse.Namespace) -> int:
     from streamkm.config import load_settings
-    from streamkm.produce import produce_command
+    from streamkm.tools.produce import produce_command
 
     settings = load_settings(args.config)
     setup_logging(settings.log.level, settings.log.format)
@@ -184,7 +184,7 @@ def _cmd_produce(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from streamkm.config import load_settings
-    from streamkm.demo import run_demo
+    from streamkm.tools.demo import run_demo
 
     settings = load_settings(args.config)
     setup_logging("WARNING", settings.log.format)
@@ -194,7 +194,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from streamkm.report import draw_report
+    from streamkm.tools.report import draw_report
 
     draw_report(args.checkpoint_dir, args.out)
     print(args.out)

@@ -63,7 +63,7 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             return
         except Exception as exc:  # fall through to the local broker
             errors.append(f"testcontainers: {exc}")
-    from streamkm.broker import LocalBroker, free_port
+    from streamkm.tools.broker import LocalBroker, free_port
 
     broker = LocalBroker(dir=tmp_path_factory.mktemp("broker"), port=free_port())
     try:

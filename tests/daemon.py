@@ -13,8 +13,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from streamkm.broker import free_port
 from streamkm.config import to_toml
+from streamkm.tools.broker import free_port
 
 
 def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka.admin import AdminClient
 
-from streamkm.broker import free_port
+from streamkm.tools.broker import free_port
 from tests.kafka_util import create_topic
 
 pytestmark = pytest.mark.integration

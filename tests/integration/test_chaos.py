@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streamkm.broker import LocalBroker, free_port
 from streamkm.checkpoint import read as read_checkpoint
 from streamkm.model import StreamingKMeans
+from streamkm.tools.broker import LocalBroker, free_port
 from tests.daemon import Daemon
 from tests.kafka_util import create_topic, drain, produce_values
 

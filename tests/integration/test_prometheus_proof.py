@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import yaml
 
-from streamkm.broker import free_port
+from streamkm.tools.broker import free_port
 from tests.daemon import Daemon
 from tests.kafka_util import produce_values
 

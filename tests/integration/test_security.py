@@ -28,11 +28,11 @@ import pytest
 from confluent_kafka import KafkaException, Producer
 from prometheus_client.parser import text_string_to_metric_families
 
-from streamkm.broker import LocalBroker, ScramUser, free_port
 from streamkm.checkpoint import CheckpointStore
 from streamkm.checkpoint import read as read_checkpoint
 from streamkm.config import REDACTED, load_settings
 from streamkm.errors import ConfigError, StreamkmError
+from streamkm.tools.broker import LocalBroker, ScramUser, free_port
 from tests.daemon import Daemon, write_config
 from tests.kafka_util import create_topic, drain, produce_values
 

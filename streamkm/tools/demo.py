@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from streamkm.config import Settings
 from streamkm.errors import StreamkmError
-from streamkm.synthetic import DriftingBlobs
+from streamkm.tools.synthetic import DriftingBlobs
 
 DIM = 16
 N_CLUSTERS = 8
@@ -54,7 +54,7 @@ def _malformed(i: int) -> bytes:
 
 
 def _feed(conf: dict[str, Any], topic: str, run: DemoRun, stop: threading.Event) -> None:
-    from streamkm.produce import VectorProducer
+    from streamkm.tools.produce import VectorProducer
 
     try:
         out = VectorProducer(conf, topic, "float32")
@@ -110,7 +110,7 @@ def _auc(scores: np.ndarray, positive: np.ndarray) -> float:
 def _demo_settings(base: Settings, bootstrap: str, workdir: Path, config_given: bool) -> Settings:
     if config_given:
         return base
-    from streamkm.broker import free_port
+    from streamkm.tools.broker import free_port
 
     data: dict[str, Any] = {
         "kafka": {
@@ -139,8 +139,8 @@ def _demo_settings(base: Settings, bootstrap: str, workdir: Path, config_given: 
 def run_demo(settings: Settings, messages: int, report: Path | None, config_given: bool) -> int:
     """Run the demo; return the exit status."""
     from streamkm.app import App
-    from streamkm.broker import LocalBroker, free_port
     from streamkm.kafka import ensure_topics
+    from streamkm.tools.broker import LocalBroker, free_port
 
     env_bootstrap = os.environ.get("STREAMKM_KAFKA__BOOTSTRAP_SERVERS")
     broker: LocalBroker | None = None
@@ -297,7 +297,7 @@ def _summary(
         f"  checkpoints          {settings.checkpoint.dir}  (streamkm checkpoint show {settings.checkpoint.dir})"
     )
     if report is not None and model is not None:
-        from streamkm.report import draw_report
+        from streamkm.tools.report import draw_report
 
         draw_report(settings.checkpoint.dir, report)
         print(f"  picture              {report}")

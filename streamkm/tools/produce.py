@@ -15,7 +15,7 @@ from streamkm.codec import encode_vectors
 from streamkm.config import Settings
 from streamkm.errors import KafkaError, StreamkmError
 from streamkm.kafka import to_error
-from streamkm.synthetic import DriftingBlobs
+from streamkm.tools.synthetic import DriftingBlobs
 
 log = logging.getLogger(__name__)
 
