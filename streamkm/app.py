@@ -37,22 +37,35 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
+from confluent_kafka import KafkaError as _CKafkaError
 from prometheus_client import CollectorRegistry
 
 from streamkm import __version__
 from streamkm.batcher import Batch, Batcher
 from streamkm.checkpoint import CheckpointStore, CheckpointTimer
-from streamkm.codec import VectorDecoder, encode_assignments
+from streamkm.codec import (
+    HEADER_MESSAGE,
+    HEADER_OFFSET,
+    HEADER_PARTITION,
+    HEADER_REASON,
+    HEADER_TOPIC,
+    VectorDecoder,
+    dead_letter_record,
+    encode_assignments,
+)
 from streamkm.config import Settings
 from streamkm.errors import CheckpointError, DecodeError, FencedError, KafkaError, StreamkmError
 from streamkm.fileformat import write_atomic
 from streamkm.kafka import (
     RateLimitedLog,
     consumer_config,
+    group_member_count,
     is_cooperative,
     make_consumer,
     make_producer,
+    producer_max_bytes,
     to_error,
+    topic_max_message_bytes,
 )
 from streamkm.metrics import Metrics
 from streamkm.model import StreamingKMeans
@@ -61,11 +74,8 @@ log = logging.getLogger(__name__)
 
 TopicPart = tuple[str, int]
 
-HEADER_TOPIC = "streamkm.source.topic"
-HEADER_PARTITION = "streamkm.source.partition"
-HEADER_OFFSET = "streamkm.source.offset"
-HEADER_REASON = "streamkm.error.reason"
-HEADER_MESSAGE = "streamkm.error.message"
+# Delivery reports of records that abort_transaction purged: the batch is redone, not lost.
+_PURGED = (_CKafkaError._PURGE_QUEUE, _CKafkaError._PURGE_INFLIGHT)
 
 ORIGINS_FILE = "origins.json"
 HISTORY_POINTS = 2000
@@ -86,6 +96,7 @@ class DeadLetter:
     value: bytes | None
     headers: list[tuple[str, bytes]] | None
     error: DecodeError
+    headers_unreadable: bool = False
 
 
 @dataclass
@@ -154,6 +165,8 @@ class App:
         self.consumer: Consumer | None = None
         self.producer: Producer | None = None
         self._consumer_conf: dict[str, Any] = {}
+        self._dead_letter_max = producer_max_bytes(settings)  # the largest dead letter record
+        self._group_check_due = False
         self._closing = False
         self._timer = CheckpointTimer(settings.checkpoint.interval_s)
         self._rate_window = (time.monotonic(), 0)
@@ -258,17 +271,37 @@ class App:
         self._consumer_conf = consumer_config(self.settings, self._on_error, stats_cb)
         self.consumer = make_consumer(self._consumer_conf)
         self.producer = make_producer(self.settings, self._on_error, self._on_delivery)
+        dl_topic = self.settings.kafka.dead_letter_topic
+        if dl_topic is not None:
+            self._dead_letter_max = min(
+                producer_max_bytes(self.settings), topic_max_message_bytes(self.settings, dl_topic)
+            )
         if self.exactly_once:
-            try:
-                self.producer.init_transactions(_TXN_TIMEOUT_S)
-            except KafkaException as exc:
-                raise to_error(exc, "initialising transactions") from None
+            self._init_transactions()
         self.consumer.subscribe(
             [self.settings.kafka.input_topic],
             on_assign=self._on_assign,
             on_revoke=self._on_revoke,
             on_lost=self._on_lost,
         )
+
+    def _init_transactions(self) -> None:
+        """init_transactions, retried while the brokers cannot be reached (as consuming waits)."""
+        assert self.producer is not None
+        while True:
+            try:
+                self.producer.init_transactions(_TXN_TIMEOUT_S)
+                return
+            except KafkaException as exc:
+                err = exc.args[0]
+                if not err.retriable() or err.fatal():
+                    raise to_error(exc, "initialising transactions") from None
+                if self.stop_event.is_set():
+                    raise to_error(exc, "initialising transactions (stopping)") from None
+                self.last_kafka_error = err.str()
+                self.rate_log.warning(
+                    "txn-init", "initialising transactions: %s; retrying", err.str()
+                )
 
     # -- callbacks -----------------------------------------------------------------------
 
@@ -283,6 +316,8 @@ class App:
     def _on_delivery(self, err: Any, msg: Message) -> None:
         # delivery.report.only.error: only failures arrive here.
         if err is not None:
+            if self.exactly_once and err.code() in _PURGED:
+                return  # purged by an abort: the batch is rewound and redone
             self.metrics.produce_errors.inc()
             self.delivery_errors.append(f"{msg.topic()}: {err.str()}")
 
@@ -309,6 +344,7 @@ class App:
                     )
             self.assigned.add(key)
         self.last_kafka_error = None
+        self._group_check_due = True
         log.info("assigned %s", _fmt_tps(partitions))
         if is_cooperative(self._consumer_conf):
             consumer.incremental_assign(partitions)
@@ -317,6 +353,8 @@ class App:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("revoked %s", _fmt_tps(partitions))
+        if not self._closing:
+            self._group_check_due = True
         if not self._closing and self.fatal is None:
             try:
                 if self.model is not None:
@@ -372,7 +410,25 @@ class App:
             self._process(force=False)
             if self._timer.due():
                 self._checkpoint()
+            if self._group_check_due:
+                self._check_group()
         self._check_fatal()
+
+    def _check_group(self) -> None:
+        """Warn when other members share the group: each instance keeps its own model."""
+        self._group_check_due = False
+        group = self.settings.kafka.group_id
+        members = group_member_count(self.settings, group)
+        if members is None:
+            return
+        self.metrics.group_members.set(members)
+        if members > 1:
+            log.error(
+                "consumer group %s has %d members: each instance keeps its own model of its "
+                "own partitions, so the models differ and a rebalance republishes assignments "
+                "(more than the at-least-once bound); run one instance per group",
+                group, members,
+            )  # fmt: skip
 
     def _rows_needed(self) -> int:
         assert self.batcher is not None
@@ -434,11 +490,11 @@ class App:
             )
         for i, error in errors:
             m = kept[i]
-            self.pending.dead.append(
-                DeadLetter(
-                    m.topic(), m.partition(), m.offset(), m.key(), m.value(), m.headers(), error
-                )
+            headers, unreadable = _read_headers(m)
+            dead = DeadLetter(
+                m.topic(), m.partition(), m.offset(), m.key(), m.value(), headers, error, unreadable
             )
+            self.pending.dead.append(dead)
         self.metrics.messages_consumed.inc(n)
         self.metrics.observe_stage("decode", time.perf_counter() - t0)
 
@@ -566,15 +622,11 @@ class App:
                     d.topic, d.partition, d.offset, d.error.message, d.error.reason,
                 )  # fmt: skip
                 continue
-            headers = [
-                *(d.headers or []),
-                (HEADER_TOPIC, d.topic.encode()),
-                (HEADER_PARTITION, str(d.partition).encode()),
-                (HEADER_OFFSET, str(d.offset).encode()),
-                (HEADER_REASON, d.error.reason.encode()),
-                (HEADER_MESSAGE, d.error.message.encode()),
-            ]
-            self._produce(self.producer.produce, dl_topic, d.value, d.key, headers)
+            dl_value, headers = dead_letter_record(
+                d.value, d.key, d.headers, (d.topic, d.partition, d.offset),
+                d.error.reason, d.error.message, self._dead_letter_max, d.headers_unreadable,
+            )  # fmt: skip
+            self._produce(self.producer.produce, dl_topic, dl_value, d.key, headers)
         self.producer.poll(0)
         return n_out
 
@@ -648,6 +700,9 @@ class App:
         while True:
             try:
                 self.producer.abort_transaction(_TXN_TIMEOUT_S)
+                # Failures of the aborted records do not count: the batch is redone.
+                self.producer.poll(0)
+                self.delivery_errors.clear()
                 return
             except KafkaException as exc:
                 if not exc.args[0].retriable():
@@ -837,6 +892,14 @@ class _Abort(Exception):
     """The current transaction was aborted; the batch is to be redone."""
 
 
+def _read_headers(msg: Any) -> tuple[list[tuple[str, bytes]] | None, bool]:
+    """A message's headers, and whether they were unreadable (a name that is not UTF-8)."""
+    try:
+        return msg.headers(), False
+    except (UnicodeDecodeError, SystemError, ValueError, TypeError):
+        return None, True
+
+
 def _keys(partitions: Iterable[TopicPartition]) -> set[TopicPart]:
     return {(tp.topic, tp.partition) for tp in partitions}
 
@@ -849,4 +912,11 @@ def _fmt_offsets(offsets: dict[TopicPart, int]) -> str:
     return ", ".join(f"{t}[{p}]={o}" for (t, p), o in sorted(offsets.items())) or "none"
 
 
-__all__ = ["App"]
+__all__ = [
+    "HEADER_MESSAGE",
+    "HEADER_OFFSET",
+    "HEADER_PARTITION",
+    "HEADER_REASON",
+    "HEADER_TOPIC",
+    "App",
+]

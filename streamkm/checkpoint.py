@@ -2,9 +2,11 @@
 
 A checkpoint is one checksummed ``.npz`` (see :mod:`streamkm.fileformat`) named
 ``ckpt-<model_version:012d>-<unix_ms>.npz``, written atomically (temporary file, fsync, rename),
-so a crash leaves either the previous checkpoint or the new one, never half of one. The store
-keeps the newest ``keep`` files; on read, a corrupt newest file is skipped with a warning in
-favour of the one before.
+so a crash leaves either the previous checkpoint or the new one, never half of one. A model
+whose state holds NaN or infinity is refused, never written; every written file is read back
+before older ones are pruned. The store keeps the newest ``keep`` files and, whatever they are,
+never deletes the newest one that reads back; on read, a corrupt newest file is skipped with a
+warning in favour of the one before.
 
 Examples
 --------
@@ -31,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from streamkm import fileformat
-from streamkm.errors import CheckpointError, CorruptFileError
+from streamkm.errors import CheckpointError, CorruptFileError, StreamkmError
 
 logger = logging.getLogger(__name__)
 
@@ -205,10 +207,26 @@ class CheckpointStore:
         Raises
         ------
         CheckpointError
-            If the directory cannot be created or the file cannot be written (permissions,
-            disk full …). No partial file is left and earlier checkpoints are untouched.
+            If the model's state is not finite or cannot be serialised, the directory cannot
+            be created or the file cannot be written (permissions, disk full …), or the file
+            does not read back. No partial file is left and earlier checkpoints are untouched.
         """
-        model_meta, arrays = model.to_state()
+        try:
+            model_meta, arrays = model.to_state()
+        except (StreamkmError, ValueError) as exc:
+            if isinstance(exc, CheckpointError):
+                raise
+            raise CheckpointError(f"refusing to write a checkpoint: {exc}") from exc
+        bad = sorted(
+            name
+            for name, a in arrays.items()
+            if np.asarray(a).dtype.kind in "fc" and not np.isfinite(a).all()
+        )
+        if bad:
+            raise CheckpointError(
+                "refusing to write a checkpoint of a model that is not finite "
+                f"(NaN or infinity in {', '.join(bad)}); the previous checkpoints are kept"
+            )
         version = _model_int(model, "n_steps_") or 0
         now = self._wall_clock()
         unix_ms = int(now * 1000)
@@ -235,13 +253,32 @@ class CheckpointStore:
             fileformat.write_atomic(path, data)
         except OSError as exc:
             raise CheckpointError(f"cannot write checkpoint {path}: {_os_reason(exc)}") from exc
+        try:
+            _parse(path, self.model_cls)
+        except (CorruptFileError, OSError) as exc:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise CheckpointError(
+                f"checkpoint {path.name} does not read back ({exc}); removed it and kept the "
+                "previous ones"
+            ) from exc
         self._prune(keep_path=path)
         return path
 
     def _prune(self, keep_path: Path) -> None:
-        """Delete all but the newest ``keep`` checkpoints, and stale temporary files."""
-        old = [p for p in self.paths() if p != keep_path]
-        for path in old[self.keep - 1 :]:
+        """Delete all but the newest ``keep`` checkpoints, and stale temporary files.
+
+        ``keep_path`` (just written and read back) stays, and so does the newest checkpoint
+        that reads back, however many unreadable files are newer than it.
+        """
+        ordered = self.paths()
+        old = [p for p in ordered if p != keep_path][self.keep - 1 :]
+        for path in ordered:  # the newest readable one: keep_path unless a newer one reads
+            if path == keep_path or self._reads(path):
+                if path in old:
+                    old.remove(path)
+                break
+        for path in old:
             try:
                 path.unlink()
             except OSError as exc:
@@ -257,6 +294,13 @@ class CheckpointStore:
             if m and m.group(1) != pid:
                 with contextlib.suppress(OSError):
                     (self.dir / name).unlink()
+
+    def _reads(self, path: Path) -> bool:
+        try:
+            _parse(path, self.model_cls)
+        except (CorruptFileError, OSError):
+            return False
+        return True
 
     def latest(
         self, expect_dim: int | None = None, expect_n_clusters: int | None = None

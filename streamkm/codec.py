@@ -32,6 +32,7 @@ from typing import Any, Literal, NamedTuple, SupportsFloat, SupportsInt
 import numpy as np
 
 from streamkm.errors import DecodeError
+from streamkm.limits import max_sq_norm, out_of_range
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ REASONS: tuple[str, ...] = (
     "bad_shape",
     "wrong_dim",
     "non_finite",
+    "out_of_range",
 )
 
 # Explicit little-endian dtypes so big-endian hosts read the wire format correctly.
@@ -90,7 +92,9 @@ class VectorDecoder:
         Values longer than this are rejected as ``"oversized"`` without being parsed.
     dtype : numpy dtype, default float64
         Dtype of the returned matrix (the model's dtype). Finiteness is checked after the
-        conversion, so a float64 value that overflows float32 is rejected as ``"non_finite"``.
+        conversion, so a float64 value that overflows float32 is rejected as ``"non_finite"``;
+        a finite row whose squared norm the dtype cannot hold with room to spare
+        (:func:`streamkm.limits.out_of_range`) is rejected as ``"out_of_range"``.
 
     Examples
     --------
@@ -176,8 +180,7 @@ class VectorDecoder:
             if all(v is not None and len(v) == expected for v in values):
                 joined = b"".join(values)  # type: ignore[arg-type]
                 X = _cast(np.frombuffer(joined, dtype=raw), self.dtype).reshape(n, dim)
-                finite = np.isfinite(X).all(axis=1)
-                if finite.all():
+                if _usable(X, self.dtype).all():
                     return DecodeResult(X, np.arange(n, dtype=np.int64), [])
 
         errors: list[tuple[int, DecodeError]] = []
@@ -289,11 +292,11 @@ class VectorDecoder:
         dim = self._dim
         decoded: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         if dim is None:
-            # The first valid (right shape, finite) message fixes the dimension.
+            # The first valid (right shape, finite, in range) message fixes the dimension.
             first: tuple[int, int] | None = None
             for width in groups:
                 M = matrix(width)
-                finite = np.isfinite(M).all(axis=1)
+                finite = _usable(M, self.dtype)
                 decoded[width] = (M, finite)
                 if finite.any():
                     i = groups[width][0][int(np.argmax(finite))]
@@ -314,16 +317,38 @@ class VectorDecoder:
                 M, finite = decoded[width]
             else:
                 M = matrix(width)
-                finite = np.isfinite(M).all(axis=1)
+                finite = _usable(M, self.dtype)
             idx_arr = np.asarray(idx, dtype=np.int64)
             if finite.all():
                 X, ok_index = M, idx_arr
             else:
+                nan_or_inf = ~np.isfinite(M).all(axis=1)
                 err = DecodeError("non_finite", "vector contains NaN or infinity")
-                errors.extend((int(i), err) for i in idx_arr[~finite])
+                errors.extend((int(i), err) for i in idx_arr[nan_or_inf])
+                big = ~finite & ~nan_or_inf
+                if big.any():
+                    err = DecodeError(
+                        "out_of_range",
+                        f"squared norm exceeds {max_sq_norm(self.dtype):.3g}, "
+                        f"the largest the {self.dtype} model takes",
+                    )
+                    errors.extend((int(i), err) for i in idx_arr[big])
                 X, ok_index = M[finite], idx_arr[finite]
         errors.sort(key=lambda e: e[0])
         return DecodeResult(X, ok_index, errors)
+
+
+def _usable(M: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Rows of ``M`` (n, d) that are finite and within the range rule: bool of shape (n,)."""
+    ok = np.isfinite(M).all(axis=1)
+    if not ok.any() or not M.size:
+        return ok
+    # ‖x‖² ≤ d · max|x|²: when that bound is within range, no row needs the exact rule.
+    peak = float(np.abs(M[ok]).max())
+    if peak * peak * M.shape[1] <= max_sq_norm(dtype):
+        return ok
+    ok[ok] = ~out_of_range(M[ok], dtype)
+    return ok
 
 
 def _oversized(size: int, limit: int) -> DecodeError:
@@ -497,3 +522,105 @@ def encode_vectors(X: Any, fmt: str, json_field: str | None = None) -> list[byte
     buf = np.ascontiguousarray(arr, dtype=raw).tobytes()
     step = dim * raw.itemsize
     return [buf[i * step : (i + 1) * step] for i in range(n)]
+
+
+# -- dead letters --------------------------------------------------------------------------------
+
+HEADER_PREFIX = "streamkm."
+HEADER_TOPIC = "streamkm.source.topic"
+HEADER_PARTITION = "streamkm.source.partition"
+HEADER_OFFSET = "streamkm.source.offset"
+HEADER_REASON = "streamkm.error.reason"
+HEADER_MESSAGE = "streamkm.error.message"
+HEADER_TRUNCATED = "streamkm.error.truncated"
+HEADER_HEADERS_DROPPED = "streamkm.error.headers_dropped"
+
+# Room for what a record adds to its key, value and headers in a record batch (batch header,
+# varints, attributes), with plenty to spare.
+RECORD_OVERHEAD = 512
+_PER_HEADER_OVERHEAD = 16
+
+
+def _header_size(headers: Sequence[tuple[str | bytes, bytes | None]]) -> int:
+    size = 0
+    for name, value in headers:
+        raw = name.encode(errors="surrogateescape") if isinstance(name, str) else bytes(name)
+        size += len(raw) + len(value or b"") + _PER_HEADER_OVERHEAD
+    return size
+
+
+def dead_letter_record(
+    value: bytes | None,
+    key: bytes | None,
+    headers: Sequence[tuple[str | bytes, bytes | None]] | None,
+    source: tuple[str, int, int],
+    reason: str,
+    message: str,
+    max_record_bytes: int,
+    headers_unreadable: bool = False,
+) -> tuple[bytes | None, list[tuple[str | bytes, bytes | None]]]:
+    """The value and headers of the dead letter of one input, sized to fit one record.
+
+    Parameters
+    ----------
+    value, key : bytes or None
+        The input's value and key.
+    headers : sequence of (name, value), optional
+        The input's headers. Those in the ``streamkm.`` namespace are dropped: the dead
+        letter's own headers replace them, so a forged reason never reaches a reader.
+    source : (topic, partition, offset)
+        Where the input was read.
+    reason, message : str
+        The :class:`~streamkm.errors.DecodeError`'s reason and message.
+    max_record_bytes : int
+        The largest record the producer and the dead-letter topic take. When the input would
+        not fit, its headers are dropped first (``streamkm.error.headers_dropped``), then its
+        value is cut to what fits and ``streamkm.error.truncated`` holds the original length.
+    headers_unreadable : bool, default False
+        The input's headers could not be read (e.g. a header name that is not UTF-8); they are
+        dropped and ``streamkm.error.headers_dropped`` says so.
+
+    Returns
+    -------
+    value : bytes or None
+        The input's value, or its first bytes.
+    headers : list of (name, value)
+        The input's own headers (outside ``streamkm.``), then the dead letter's.
+
+    Examples
+    --------
+    >>> value, headers = dead_letter_record(
+    ...     b"x" * 2000, None, [("streamkm.error.reason", b"forged"), ("trace", b"1")],
+    ...     ("vectors", 0, 7), "oversized", "too long", max_record_bytes=1024)
+    >>> len(value), [name for name, _ in headers][:2], dict(headers)["streamkm.error.truncated"]
+    (127, ['trace', 'streamkm.source.topic'], b'2000')
+    """
+    topic, partition, offset = source
+    own: list[tuple[str | bytes, bytes | None]] = [
+        (HEADER_TOPIC, topic.encode(errors="surrogateescape")),
+        (HEADER_PARTITION, str(int(partition)).encode()),
+        (HEADER_OFFSET, str(int(offset)).encode()),
+        (HEADER_REASON, reason.encode()),
+        (HEADER_MESSAGE, message.encode(errors="replace")),
+    ]
+    kept = [(name, v) for name, v in (headers or []) if not _in_namespace(name)]
+    dropped: str | None = "unreadable (not UTF-8)" if headers_unreadable else None
+    budget = max_record_bytes - RECORD_OVERHEAD - len(key or b"")
+    # Room for the two optional headers, whether or not they are needed.
+    reserve = _header_size([(HEADER_TRUNCATED, b"9" * 20), (HEADER_HEADERS_DROPPED, b"x" * 40)])
+    if kept and _header_size(kept) + _header_size(own) + reserve > budget:
+        dropped = f"{len(kept)} header(s) too large for the dead-letter topic"
+        kept = []
+    if dropped is not None:
+        own.append((HEADER_HEADERS_DROPPED, dropped.encode()))
+    room = max(0, budget - _header_size(kept) - _header_size(own) - reserve)
+    if value is not None and len(value) > room:
+        own.append((HEADER_TRUNCATED, str(len(value)).encode()))
+        value = value[:room]
+    return value, [*kept, *own]
+
+
+def _in_namespace(name: str | bytes) -> bool:
+    if isinstance(name, bytes):
+        return name.lower().startswith(HEADER_PREFIX.encode())
+    return name.lower().startswith(HEADER_PREFIX)

@@ -9,7 +9,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Producer
 from confluent_kafka import KafkaError as _CKafkaError
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from streamkm.config import Settings
 from streamkm.errors import FencedError, KafkaError
@@ -17,6 +17,14 @@ from streamkm.errors import FencedError, KafkaError
 log = logging.getLogger(__name__)
 
 COOPERATIVE = "cooperative-sticky"
+
+# A new partition of the input topic is seen within this (librdkafka's default is 5 minutes).
+METADATA_REFRESH_MS = 10_000
+# Room above ``input.max_message_bytes`` for the key and headers of a dead letter.
+DEAD_LETTER_HEADER_ROOM = 64 * 1024
+# The broker's default ``message.batch.max.bytes`` / topic ``max.message.bytes`` (1 MiB + 12),
+# assumed for the dead-letter topic when its own setting cannot be read.
+BROKER_DEFAULT_MAX_MESSAGE_BYTES = 1_048_588
 
 
 class _OncePerInterval(logging.Filter):
@@ -111,6 +119,7 @@ def consumer_config(
         # librdkafka's default (1 s) caps a partition near 100k messages/s while catching up.
         "fetch.queue.backoff.ms": 10,
         "statistics.interval.ms": 5000,
+        "topic.metadata.refresh.interval.ms": METADATA_REFRESH_MS,
         "error_cb": error_cb,
         "logger": _LIBRDKAFKA_LOG,
     }
@@ -132,6 +141,9 @@ def producer_config(
         "enable.idempotence": True,
         "acks": "all",
         "linger.ms": 5,
+        # Any input the consumer accepts fits in its dead letter (see producer_max_bytes).
+        "message.max.bytes": producer_max_bytes(settings),
+        "topic.metadata.refresh.interval.ms": METADATA_REFRESH_MS,
         # Only failures reach Python: one callback per failed record, none per success.
         "delivery.report.only.error": True,
         "on_delivery": on_delivery,
@@ -143,6 +155,51 @@ def producer_config(
         conf["transaction.timeout.ms"] = 60_000
     conf.update(_client_props(settings, for_producer=True))
     return conf
+
+
+def producer_max_bytes(settings: Settings) -> int:
+    """The producer's ``message.max.bytes``: an input of ``input.max_message_bytes`` plus room
+    for its dead letter's key and headers, and never below librdkafka's default (1,000,000)."""
+    return max(1_000_000, settings.input.max_message_bytes + DEAD_LETTER_HEADER_ROOM)
+
+
+def topic_max_message_bytes(settings: Settings, topic: str, timeout_s: float = 10.0) -> int:
+    """The topic's ``max.message.bytes``: the largest record batch the broker accepts for it.
+
+    Falls back to the broker's default (1,048,588) with a warning when it cannot be read (an
+    ACL without DescribeConfigs, a topic not created yet).
+    """
+    admin = AdminClient(admin_config(settings))
+    resource = ConfigResource(ConfigResource.Type.TOPIC, topic)
+    try:
+        futures = admin.describe_configs([resource], request_timeout=timeout_s)
+        entries = next(iter(futures.values())).result(timeout=timeout_s)
+        return int(entries["max.message.bytes"].value)
+    except (KafkaException, KeyError, ValueError, TypeError, StopIteration) as exc:
+        log.warning(
+            "cannot read max.message.bytes of topic %s (%s); assuming the broker default %d",
+            topic, exc, BROKER_DEFAULT_MAX_MESSAGE_BYTES,
+        )  # fmt: skip
+        return BROKER_DEFAULT_MAX_MESSAGE_BYTES
+
+
+def group_member_count(settings: Settings, group: str, timeout_s: float = 10.0) -> int | None:
+    """How many members the consumer group has now, or None if it cannot be told."""
+    admin = AdminClient(admin_config(settings))
+    try:
+        futures = admin.describe_consumer_groups([group], request_timeout=timeout_s)
+        description = futures[group].result(timeout=timeout_s)
+        return len(description.members)
+    except (KafkaException, KeyError, TypeError) as exc:
+        log.debug("cannot describe group %s: %s", group, exc)
+        return None
+
+
+def admin_config(settings: Settings) -> dict[str, Any]:
+    """An AdminClient's properties: the connection ones, without consumer or producer ones."""
+    skip = (*_CONSUMER_ONLY, *_PRODUCER_ONLY)
+    conf = {k: v for k, v in settings.librdkafka().items() if not k.startswith(skip)}
+    return {**conf, "logger": _LIBRDKAFKA_LOG}
 
 
 _CONSUMER_ONLY = (

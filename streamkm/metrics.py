@@ -169,6 +169,12 @@ class Metrics:
         self.produce_errors = Counter(
             "streamkm_produce_errors", "Failed deliveries to Kafka.", registry=r
         )
+        self.group_members = Gauge(
+            "streamkm_group_members",
+            "Members of the consumer group after the last rebalance; above 1, each instance "
+            "keeps its own model (no shared-model mode yet).",
+            registry=r,
+        )
         self.info = Gauge("streamkm_info", "Build information.", ["version"], registry=r)
         self.info.labels(version=__version__).set(1)
 
@@ -322,8 +328,7 @@ class MetricsServer:
         ready: HealthCheck,
     ) -> None:
         handler = _make_handler(registry, health, ready)
-        self._httpd = ThreadingHTTPServer((host, port), handler)
-        self._httpd.daemon_threads = True
+        self._httpd = _BoundedHTTPServer((host, port), handler)
         self.host = str(self._httpd.server_address[0])
         self.port = int(self._httpd.server_address[1])
         self._thread = threading.Thread(
@@ -345,10 +350,48 @@ class MetricsServer:
         self._thread.join(timeout=5)
 
 
+# At most this many connections are served at once, each by its own thread; more are closed
+# at once. A connection idle for IDLE_TIMEOUT_S (a slow or silent client) is closed.
+MAX_CONNECTIONS = 16
+IDLE_TIMEOUT_S = 5.0
+
+
+class _BoundedHTTPServer(ThreadingHTTPServer):
+    """A threading HTTP server with a bound on its threads (one per open connection)."""
+
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.refused = 0
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 def _make_handler(
     registry: CollectorRegistry, health: HealthCheck, ready: HealthCheck
 ) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
+        # Applied to the socket: a client that sends nothing for this long is disconnected.
+        timeout = IDLE_TIMEOUT_S
+
         def do_GET(self) -> None:
             path = urlsplit(self.path).path
             if path == "/metrics":

@@ -184,7 +184,16 @@ def test_inconsistent_state_counts_as_corrupt(
     store.write(TinyModel(steps=1), OFFSETS)
     bad = TinyModel(steps=2)
     bad.n_clusters = 5  # meta disagrees with the arrays; from_state refuses
-    path = store.write(bad, OFFSETS)
+
+    class Lenient(TinyModel):
+        @classmethod
+        def from_state(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> TinyModel:
+            return TinyModel()
+
+    # Written by a reader that accepts it (an older streamkm, say); this store must skip it.
+    path = CheckpointStore(store.dir, keep=3, model_cls=Lenient).write(bad, OFFSETS)
+    with pytest.raises(CheckpointError, match="does not read back"):
+        store.write(bad, OFFSETS)
     with caplog.at_level(logging.WARNING, logger="streamkm.checkpoint"):
         ckpt = store.latest()
     assert ckpt is not None and ckpt.model.n_steps_ == 1
@@ -293,3 +302,59 @@ def test_round_trip_with_the_real_model(tmp_path: Path) -> None:
     np.testing.assert_array_equal(ckpt.model.cluster_centers_, model.cluster_centers_)
     np.testing.assert_array_equal(ckpt.model.counts_, model.counts_)
     assert checkpoint_summary(ckpt)["model_version"] == model.n_steps_
+
+
+def test_a_model_that_is_not_finite_is_refused_and_earlier_files_stay(
+    store: CheckpointStore,
+) -> None:
+    good = store.write(TinyModel(steps=1), OFFSETS)
+    bad = TinyModel(steps=2)
+    bad.cluster_centers_ = bad.cluster_centers_.copy()
+    bad.cluster_centers_[0, 0] = np.nan
+    with pytest.raises(CheckpointError, match=r"not finite.*cluster_centers"):
+        store.write(bad, OFFSETS)
+    assert store.paths() == [good]
+
+
+def test_a_model_whose_to_state_refuses_is_a_checkpoint_error(store: CheckpointStore) -> None:
+    from streamkm.errors import StreamkmError
+
+    class Refusing(TinyModel):
+        def to_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+            raise StreamkmError("state is not finite")
+
+    with pytest.raises(CheckpointError, match=r"refusing.*not finite"):
+        store.write(Refusing(steps=1), OFFSETS)
+    assert store.paths() == []
+
+
+def test_a_file_that_does_not_read_back_is_removed_and_refused(store: CheckpointStore) -> None:
+    good = store.write(TinyModel(steps=1), OFFSETS)
+
+    class Unloadable(TinyModel):
+        def to_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+            meta, arrays = super().to_state()
+            return {**meta, "n_clusters": 99}, arrays  # from_state refuses this
+
+    with pytest.raises(CheckpointError, match="does not read back"):
+        store.write(Unloadable(steps=5), OFFSETS)
+    assert store.paths() == [good]
+
+
+def test_pruning_never_deletes_the_newest_readable_file(store: CheckpointStore) -> None:
+    # Newer files that do not read back (written by an older streamkm, or damaged on disk)
+    # must not push the good ones out.
+    for step in (1, 2, 3):
+        store.write(TinyModel(steps=step), OFFSETS)
+    newest_good = store.write(TinyModel(steps=4), OFFSETS)
+    for step in (7, 8, 9):
+        (store.dir / f"ckpt-{step:012d}-1800000000000.npz").write_bytes(b"garbage")
+    fresh = store.write(TinyModel(steps=5), OFFSETS)  # older version than the garbage
+    assert fresh.exists()
+    ckpt = store.latest()
+    assert ckpt is not None and ckpt.path == fresh
+    for step in (10, 11, 12):
+        (store.dir / f"ckpt-{step:012d}-1800000000000.npz").write_bytes(b"garbage")
+    again = store.write(TinyModel(steps=6), OFFSETS)
+    assert again.exists() and store.latest().path == again  # type: ignore[union-attr]
+    assert not newest_good.exists()  # old good files beyond keep do go

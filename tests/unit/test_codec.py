@@ -11,13 +11,18 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from streamkm.codec import (
+    HEADER_HEADERS_DROPPED,
+    HEADER_REASON,
+    HEADER_TRUNCATED,
     REASONS,
     VectorDecoder,
+    dead_letter_record,
     encode_assignment,
     encode_assignments,
     encode_vectors,
 )
 from streamkm.errors import DecodeError
+from streamkm.limits import max_sq_norm
 
 pytestmark = pytest.mark.unit
 
@@ -267,8 +272,11 @@ def test_encode_vectors_json_field() -> None:
 
 # -- properties -------------------------------------------------------------------------------
 
-finite64 = st.floats(allow_nan=False, allow_infinity=False)
-finite32 = st.floats(allow_nan=False, allow_infinity=False, width=32)
+# Within the range rule for rows of up to 16 values: |x| ≤ sqrt(bound / 16) per value.
+_lim64 = float(np.sqrt(max_sq_norm(np.float64) / 16))
+_lim32 = float(np.float32(np.sqrt(max_sq_norm(np.float32) / 16)))
+finite64 = st.floats(-_lim64, _lim64)
+finite32 = st.floats(-_lim32, _lim32, width=32)
 
 
 @st.composite
@@ -323,6 +331,79 @@ def test_arbitrary_bytes_only_yield_clean_per_message_errors(
         assert isinstance(err, DecodeError)
         assert err.reason in REASONS
         assert err.message
+
+
+@given(
+    st.sampled_from(["float32", "json"]),
+    st.lists(st.floats(allow_nan=False, allow_infinity=False, width=32), min_size=4, max_size=4),
+)
+def test_every_finite_row_is_kept_or_out_of_range_never_breaking_the_model(
+    fmt: str, row: list[float]
+) -> None:
+    value = encode_vectors(np.array([row], dtype=np.float32), fmt)[0]
+    X, ok, errors = VectorDecoder(fmt, dim=4, dtype=np.float32).decode_many([value])
+    sq = float(np.sum(np.square(np.array(row, dtype=np.float64))))
+    if sq > max_sq_norm(np.float32) * 1.0001:
+        assert reasons(errors) == [(0, "out_of_range")]
+    elif sq < max_sq_norm(np.float32) * 0.9999:
+        assert ok.tolist() == [0]
+        # What the model computes from the row stays finite in float32 with room to spare.
+        with np.errstate(over="raise"):
+            assert np.isfinite(4 * np.dot(X[0], X[0]))
+
+
+def test_the_vector_of_the_issue_is_out_of_range_and_its_neighbours_are_kept() -> None:
+    big = np.full((1, 4), 1.3e38, dtype="<f4")
+    values = [np.ones(4, "<f4").tobytes(), big.tobytes(), np.ones(4, "<f4").tobytes()]
+    dec = VectorDecoder("float32", dtype=np.float32)
+    _, ok, errors = dec.decode_many(values)
+    assert ok.tolist() == [0, 2] and reasons(errors) == [(1, "out_of_range")]
+    assert "squared norm" in errors[0][1].message
+    # An out-of-range first message does not fix the dimension.
+    dec = VectorDecoder("float32", dtype=np.float32)
+    _, ok, errors = dec.decode_many([np.full(8, 1e38, "<f4").tobytes(), values[0]])
+    assert dec.dim == 4 and ok.tolist() == [1] and reasons(errors) == [(0, "wrong_dim")]
+
+
+# -- dead letters -----------------------------------------------------------------------------
+
+
+def test_dead_letter_headers_replace_input_headers_in_the_streamkm_namespace() -> None:
+    value, headers = dead_letter_record(
+        b"x", b"k", [("streamkm.error.reason", b"forged"), ("STREAMKM.source.offset", b"0"),
+                     ("trace-id", b"t1")],
+        ("in", 2, 9), "undecodable", "bad", max_record_bytes=1_000_000,
+    )  # fmt: skip
+    names = [n for n, _ in headers]
+    assert value == b"x"
+    assert names.count(HEADER_REASON) == 1 and dict(headers)[HEADER_REASON] == b"undecodable"
+    assert "STREAMKM.source.offset" not in names and ("trace-id", b"t1") in headers
+    assert dict(headers)["streamkm.source.offset"] == b"9"
+    assert HEADER_TRUNCATED not in names and HEADER_HEADERS_DROPPED not in names
+
+
+@given(
+    st.integers(0, 3_000_000),
+    st.integers(2_000, 2_000_000),
+    st.lists(st.tuples(st.text(max_size=30), st.binary(max_size=3000)), max_size=5),
+)
+def test_a_dead_letter_always_fits_its_limit(size: int, limit: int, extra: list) -> None:
+    value, headers = dead_letter_record(
+        b"v" * size, b"key", extra, ("in", 0, 1), "oversized", "too long", limit
+    )
+    total = 512 + len(b"key") + len(value or b"")
+    total += sum(len(n.encode(errors="surrogateescape")) + len(v or b"") + 16 for n, v in headers)
+    assert total <= limit
+    if len(value or b"") < size:
+        assert dict(headers)[HEADER_TRUNCATED] == str(size).encode()
+        assert value == b"v" * len(value or b"")
+
+
+def test_unreadable_input_headers_are_dropped_and_said_so() -> None:
+    _, headers = dead_letter_record(
+        b"x", None, None, ("in", 0, 1), "undecodable", "bad", 1_000_000, headers_unreadable=True
+    )
+    assert b"UTF-8" in dict(headers)[HEADER_HEADERS_DROPPED]
 
 
 @given(st.lists(st.binary(max_size=40).map(lambda b: b"[" + b + b"]"), max_size=10))

@@ -62,6 +62,7 @@ EXPECTED_FAMILIES = {
     "streamkm_checkpoint_age_seconds": "gauge",
     "streamkm_checkpoint_interval_seconds": "gauge",
     "streamkm_produce_errors": "counter",
+    "streamkm_group_members": "gauge",
     "streamkm_info": "gauge",
 }
 
@@ -224,3 +225,35 @@ def test_default_registry_includes_process_metrics() -> None:
     names = {f.name for f in m.registry.collect()}
     assert "streamkm_inertia" in names
     assert "process_resident_memory_bytes" in names or "python_info" in names
+
+
+def test_idle_connections_hold_a_bounded_number_of_threads(metrics: Metrics) -> None:
+    import socket
+    import threading
+    import time
+
+    from streamkm.metrics import IDLE_TIMEOUT_S, MAX_CONNECTIONS
+
+    server = metrics.serve("127.0.0.1", 0, health=lambda: (True, ""), ready=lambda: (True, ""))
+    before = threading.active_count()
+    idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(400)]
+    try:
+        # Let the server accept what it will; the thread count must never pass the bound.
+        deadline = time.monotonic() + 2.0
+        peak = before
+        while time.monotonic() < deadline:
+            peak = max(peak, threading.active_count())
+            time.sleep(0.05)
+        assert peak <= before + MAX_CONNECTIONS
+        # Idle connections are dropped after IDLE_TIMEOUT_S, so a scrape gets through.
+        deadline = time.monotonic() + IDLE_TIMEOUT_S + 10
+        status = None
+        while time.monotonic() < deadline and status != 200:
+            try:
+                status = fetch(f"{server.url}/metrics")[0]
+            except OSError:
+                time.sleep(0.2)
+        assert status == 200
+    finally:
+        for s in idle:
+            s.close()
