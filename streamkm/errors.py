@@ -53,3 +53,11 @@ class FencedError(KafkaError):
 
 class BrokerError(StreamkmError):
     """The local Apache Kafka broker could not be fetched, started or stopped."""
+
+
+class NotFittedError(StreamkmError, ValueError, AttributeError):
+    """The model is used before it has seen any data."""
+
+
+class StateError(StreamkmError, ValueError):
+    """A saved model state does not describe a valid model, or not the one expected."""

@@ -12,7 +12,9 @@ Outputs and scratch space are preallocated by the caller, so a stream of batches
 size allocates nothing inside the kernels. Data arrays ``X`` may be float32 or float64; the
 centroids have the same dtype as ``X``; weights, counts and distances are float64.
 
-Squared distances use ``‖x‖² − 2 x·c + ‖c‖²`` clamped at 0. Two assignment paths compute them:
+Squared distances use ``‖x‖² − 2 x·c + ‖c‖²`` clamped at 0, on rows centred by a shift vector
+the model keeps (the weighted mean of its sample), so that data far from the origin keep their
+precision. Two assignment paths compute them:
 
 * :func:`assign_direct` — a direct loop, two rows at a time so that every centroid element
   loaded serves both, with the dot products reduced over the features (vectorised under
@@ -41,6 +43,7 @@ __all__ = [
     "relocate",
     "row_sq_norms",
     "update_centroids",
+    "weighted_sums",
     "work_size",
 ]
 
@@ -127,19 +130,25 @@ def _nearest_row(x_sq, row_dots, c_sq, score_coef, want_scores, want_second):  #
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def assign_direct(X, C, c_sq, score_coef, labels, d2, scores, d2_second, work):  # pragma: no cover
+def assign_direct(
+    X, shift, C, c_sq, score_coef, labels, d2, scores, d2_second, work
+):  # pragma: no cover - compiled
     """Nearest centroid of every row by a direct loop (small ``d·k``).
 
-    Rows are taken two at a time so that each centroid element loaded serves both.
+    Rows are taken two at a time so that each centroid element loaded serves both. With a
+    ``shift`` the distances are computed between ``x − shift`` and centroids given in that
+    centred frame, so that a common offset of the data does not cancel the precision away.
 
     Parameters
     ----------
     X : ndarray of shape (n, d)
         IN. Rows to assign.
+    shift : ndarray of shape (d,) or (0,), same dtype as X
+        IN. Centre subtracted from every row; empty for none.
     C : ndarray of shape (k, d), same dtype as X
-        IN. Centroids.
+        IN. Centroids, in the frame centred on ``shift``.
     c_sq : ndarray of shape (k,), same dtype as X
-        IN. ``‖c_j‖²``.
+        IN. ``‖c_j‖²`` (centred frame).
     score_coef : ndarray of shape (2, k) or (0, k), float64
         IN. Anomaly score coefficients: row 0 holds ``a_j``, row 1 ``b_j``; empty to skip the
         scores.
@@ -152,16 +161,19 @@ def assign_direct(X, C, c_sq, score_coef, labels, d2, scores, d2_second, work): 
     d2_second : ndarray of shape (n,) or (0,), float64
         OUT. Squared distance to the second nearest centroid (``inf`` if k = 1); empty to
         skip.
-    work : ndarray of shape (2·k,) or more, same dtype as X
-        WORK. Dot products of the current pair of rows.
+    work : ndarray of shape (2·k + 2·d,) or more, same dtype as X
+        WORK. Dot products and centred copies of the current pair of rows.
     """
     n, d = X.shape
     k = C.shape[0]
     want_scores = score_coef.shape[0] > 0
     want_second = d2_second.shape[0] > 0
+    centred = shift.shape[0] > 0
     zero = X.dtype.type(0.0)
     dots0 = work[:k]
     dots1 = work[k : 2 * k]
+    xa = work[2 * k : 2 * k + d]
+    xb = work[2 * k + d : 2 * k + 2 * d]
     i = 0
     while i < n:
         pair = i + 1 < n
@@ -169,15 +181,22 @@ def assign_direct(X, C, c_sq, score_coef, labels, d2, scores, d2_second, work): 
         x0 = zero
         x1 = zero
         for t in range(d):
-            x0 += X[i, t] * X[i, t]
-            x1 += X[i1, t] * X[i1, t]
+            a = X[i, t]
+            b = X[i1, t]
+            if centred:
+                a -= shift[t]
+                b -= shift[t]
+            xa[t] = a
+            xb[t] = b
+            x0 += a * a
+            x1 += b * b
         for j in range(k):
             s0 = zero
             s1 = zero
             for t in range(d):
                 c = C[j, t]
-                s0 += X[i, t] * c
-                s1 += X[i1, t] * c
+                s0 += xa[t] * c
+                s1 += xb[t] * c
             dots0[j] = s0
             dots1[j] = s1
         j0, e0, f0, sc0 = _nearest_row(x0, dots0, c_sq, score_coef, want_scores, want_second)
@@ -248,15 +267,21 @@ def assign(
     work: np.ndarray,
     gemm_min_dk: int | None = None,
     d2_second: np.ndarray | None = None,
+    shift: np.ndarray | None = None,
 ) -> None:
     """Nearest centroid of every row, through the faster of the two paths.
+
+    With ``shift``, distances are those between ``x − shift`` and centroids given in the frame
+    centred on ``shift``: the expanded form ``‖x‖² − 2x·c + ‖c‖²`` then loses only
+    ``eps·‖x − shift‖²`` instead of ``eps·‖x‖²`` to cancellation, which keeps labels exact for
+    data far from the origin.
 
     Parameters
     ----------
     X : ndarray of shape (n, d), C-contiguous float32 or float64
         IN.
     C : ndarray of shape (k, d), same dtype as X, C-contiguous
-        IN. Centroids.
+        IN. Centroids (in the frame centred on ``shift`` when it is given).
     c_sq : ndarray of shape (k,), same dtype as X
         IN. ``‖c_j‖²``.
     score_coef : ndarray of shape (2, k) or (0, k), float64
@@ -267,12 +292,15 @@ def assign(
         OUT.
     scores : ndarray of shape (n,) or (0,), float64
         OUT (only when ``score_coef`` is not empty).
-    work : ndarray of shape (work_size(k),), same dtype as X
-        WORK. One chunk of dot products (GEMM path) or one pair of rows of them (direct path).
+    work : ndarray of shape (work_size(k, d),), same dtype as X
+        WORK. One chunk of dot products and centred rows (GEMM path) or one pair of rows of
+        them (direct path).
     gemm_min_dk : int, optional
         Override of :data:`GEMM_MIN_DK` (for benchmarks and tests).
     d2_second : ndarray of shape (n,), float64, optional
         OUT. Squared distance to the second nearest centroid (``inf`` if k = 1).
+    shift : ndarray of shape (d,), same dtype as X, optional
+        IN. Centre subtracted from the rows before the distances are taken.
     """
     n, d = X.shape
     second = _EMPTY if d2_second is None else d2_second
@@ -280,17 +308,24 @@ def assign(
     threshold = GEMM_MIN_DK if gemm_min_dk is None else gemm_min_dk
     want_scores = score_coef.shape[0] > 0
     if d * k < threshold:
-        assign_direct(X, C, c_sq, score_coef, labels, d2, scores, second, work)
+        sh = shift if shift is not None else work[:0]
+        assign_direct(X, sh, C, c_sq, score_coef, labels, d2, scores, second, work)
         return
     dots_all = work[: CHUNK_ROWS * k].reshape(CHUNK_ROWS, k)
     C_T = C.T  # a view: BLAS reads the transposed operand in place
     for start in range(0, n, CHUNK_ROWS):
         stop = min(start + CHUNK_ROWS, n)
         dots = dots_all[: stop - start]
-        np.dot(X[start:stop], C_T, out=dots)
+        if shift is not None:
+            rows = work[CHUNK_ROWS * k : CHUNK_ROWS * k + (stop - start) * d]
+            rows = rows.reshape(stop - start, d)
+            np.subtract(X[start:stop], shift, out=rows)
+        else:
+            rows = X[start:stop]
+        np.dot(rows, C_T, out=dots)
         argmin_from_dots(
             dots,
-            X[start:stop],
+            rows,
             c_sq,
             score_coef,
             labels[start:stop],
@@ -300,9 +335,9 @@ def assign(
         )
 
 
-def work_size(n_clusters: int) -> int:
-    """Length of the ``work`` array :func:`assign` needs for ``n_clusters`` centroids."""
-    return CHUNK_ROWS * n_clusters
+def work_size(n_clusters: int, n_features: int = 0) -> int:
+    """Length of the ``work`` array :func:`assign` needs (``n_features`` for a ``shift``)."""
+    return CHUNK_ROWS * (n_clusters + n_features) + 2 * n_features
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
@@ -384,6 +419,56 @@ def update_centroids(
         recent[j] += wsum[j]
         shift += np.sqrt(moved)
     return shift / k
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def weighted_sums(X, w, labels, d2, sums, wsum, wsse):  # pragma: no cover - compiled
+    """Per-centroid weighted sums of the rows, of their weights and of their squared distances.
+
+    One Lloyd step on a weighted sample is ``c_j ← sums[j] / wsum[j]`` for every ``wsum[j] > 0``.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n, d)
+        IN. Rows.
+    w : ndarray of shape (n,), float64
+        IN. Weights (rows of weight 0 are skipped).
+    labels : ndarray of shape (n,), int64
+        IN. Nearest centroid of every row.
+    d2 : ndarray of shape (n,), float64
+        IN. Squared distance to it.
+    sums : ndarray of shape (k, d), float64
+        OUT. ``Σ w·x`` over the rows of each centroid.
+    wsum : ndarray of shape (k,), float64
+        OUT. ``Σ w``.
+    wsse : ndarray of shape (k,), float64
+        OUT. ``Σ w·d²``.
+
+    Returns
+    -------
+    total : float
+        ``Σ w·d²`` over all rows.
+    """
+    n, d = X.shape
+    k = sums.shape[0]
+    for j in range(k):
+        wsum[j] = 0.0
+        wsse[j] = 0.0
+        for t in range(d):
+            sums[j, t] = 0.0
+    total = 0.0
+    for i in range(n):
+        wi = w[i]
+        if wi == 0.0:
+            continue
+        j = labels[i]
+        wsum[j] += wi
+        e = wi * d2[i]
+        wsse[j] += e
+        total += e
+        for t in range(d):
+            sums[j, t] += wi * X[i, t]
+    return total
 
 
 @njit(cache=True, nogil=True)

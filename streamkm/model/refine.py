@@ -1,0 +1,135 @@
+"""Refinement: a few weighted Lloyd iterations on the sample, from the current centroids.
+
+Streaming averages converge to a k-means fixed point only slowly and can stay in a poor one on
+continuous data; every so often the model therefore runs weighted Lloyd iterations on its
+sample (:mod:`streamkm.model.sample`), starting from the live centroids, followed by one
+swap of the least useful centroid that is kept only if it lowers the sample's error
+(:func:`streamkm.model.relocation.swap_on_sample`). Coreset methods (StreamKM++, Ackermann et
+al. 2012; BICO, Fichtenberger et al. 2013) reach near-offline quality in one pass the same way.
+
+Schedule: a refinement that cost ``p`` passes over ``m`` sample rows is followed by the next one
+after ``max(batch_size, p·m / REFINE_BUDGET)`` further rows. While the sample still holds the
+whole stream this is geometric (the n-th refinement at about ``(1 + p/ρ)^n`` rows); once it is
+full it is periodic, every ``p·size/ρ`` rows. Refinement therefore never costs more than
+``ρ = REFINE_BUDGET`` times the assignment work of the stream itself.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import numpy as np
+
+from streamkm import kernel
+from streamkm.model import relocation
+
+__all__ = ["LLOYD_PASSES", "REFINE_BUDGET", "Refined", "lloyd", "next_refine", "refine"]
+
+#: Assignment passes over the sample per refinement (the last one measures the result).
+LLOYD_PASSES = 3
+#: Refinement work allowed per unit of stream assignment work.
+REFINE_BUDGET = 0.5
+
+#: assign(X, C, d2_second) -> (labels, d2): nearest centroid under the model's centring.
+AssignFn = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], tuple[np.ndarray, np.ndarray]]
+
+
+class Refined(NamedTuple):
+    """Outcome of :func:`refine`.
+
+    Attributes
+    ----------
+    centroids : ndarray of shape (k, d), the model's dtype
+    wsum : ndarray of shape (k,), float64
+        Sample weight each centroid takes.
+    wsse : ndarray of shape (k,), float64
+        Weighted sum of squared distances of those rows.
+    labels, d2 : ndarray of shape (m,)
+        Nearest centroid of every sample row and the squared distance to it.
+    passes : int
+        Assignment passes made over the sample.
+    swapped : bool
+        Whether a centroid was moved by the swap step.
+    """
+
+    centroids: np.ndarray
+    wsum: np.ndarray
+    wsse: np.ndarray
+    labels: np.ndarray
+    d2: np.ndarray
+    passes: int
+    swapped: bool
+
+
+def next_refine(n_seen: int, passes: int, rows: int, batch_size: int) -> int:
+    """Stream position of the next refinement after one at ``n_seen`` (see module docstring)."""
+    gap = math.ceil(passes * rows / REFINE_BUDGET)
+    return n_seen + max(int(batch_size), gap)
+
+
+def lloyd(
+    X: np.ndarray, w: np.ndarray, C: np.ndarray, passes: int, assign: AssignFn
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, float, int]:
+    """Weighted Lloyd iterations from ``C``; stops early when no label changes.
+
+    Returns
+    -------
+    C, labels, d2, d2_second, wsum, wsse, total, passes_made
+        The statistics are those of the last assignment, made with the returned ``C``.
+    """
+    k, d = C.shape
+    sums = np.empty((k, d))
+    wsum = np.empty(k)
+    wsse = np.empty(k)
+    C = C.copy()
+    prev: np.ndarray | None = None
+    made = 0
+    while True:
+        d2_second = np.empty(X.shape[0])
+        labels, d2 = assign(X, C, d2_second)
+        made += 1
+        total = kernel.weighted_sums(X, w, labels, d2, sums, wsum, wsse)
+        if made >= passes or (prev is not None and np.array_equal(prev, labels)):
+            return C, labels, d2, d2_second, wsum, wsse, float(total), made
+        hit = wsum > 0
+        C[hit] = (sums[hit] / wsum[hit, None]).astype(C.dtype)
+        prev = labels.copy()
+
+
+def refine(
+    X: np.ndarray,
+    w: np.ndarray,
+    C: np.ndarray,
+    assign: AssignFn,
+    rng: np.random.Generator,
+    swap: bool,
+) -> Refined:
+    """Lloyd iterations on the weighted sample, then one swap kept only if it pays.
+
+    Parameters
+    ----------
+    X : ndarray of shape (m, d)
+        Sample rows (the model's dtype).
+    w : ndarray of shape (m,), float64
+        Their weights (0 for free slots).
+    C : ndarray of shape (k, d)
+        Current centroids (not modified).
+    assign : callable
+        Nearest-centroid function of the model.
+    rng : numpy Generator
+        The model's generator (draws for the swap candidates).
+    swap : bool
+        Whether to try relocating centroids (``reassignment_ratio > 0``).
+    """
+    C1, labels, d2, d2s, wsum, wsse, total, passes = lloyd(X, w, C, LLOYD_PASSES, assign)
+    swapped = False
+    if swap and C.shape[0] >= 2:
+        moved = relocation.swap_on_sample(X, w, C1, labels, d2, d2s, wsum, rng)
+        if moved is not None:
+            C2, labels2, d22, _, wsum2, wsse2, total2, p2 = lloyd(X, w, moved, 2, assign)
+            passes += p2
+            if total2 < total:
+                C1, labels, d2, wsum, wsse, swapped = C2, labels2, d22, wsum2, wsse2, True
+    return Refined(C1, wsum, wsse, labels, d2, passes, swapped)
