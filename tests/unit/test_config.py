@@ -5,10 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from streamkm.config import REDACTED, load_settings, to_toml
+from streamkm.config import REDACTED, Settings, load_settings, to_toml
 from streamkm.errors import ConfigError
 
 pytestmark = pytest.mark.unit
@@ -161,3 +162,24 @@ def test_cli_help_lists_commands() -> None:
     assert out.returncode == 0
     for command in ("run", "config", "broker", "checkpoint", "produce", "demo"):
         assert command in out.stdout
+
+
+def test_client_limits_follow_the_input_limit_and_can_be_overridden() -> None:
+    from streamkm.kafka import consumer_config, producer_config
+
+    def noop(*args: Any) -> None:
+        return None
+
+    s = Settings.model_validate({"input": {"max_message_bytes": 8_000_000}})
+    prod = producer_config(s, noop, noop)
+    # A dead letter carries the whole input plus its headers.
+    assert prod["message.max.bytes"] >= 8_000_000 + 32 * 1024
+    assert (
+        Settings().input.max_message_bytes + 32 * 1024
+        <= producer_config(Settings(), noop, noop)["message.max.bytes"]
+    )
+    assert consumer_config(s, noop, None)["topic.metadata.refresh.interval.ms"] == 10_000
+    s = Settings.model_validate(
+        {"kafka": {"client": {"topic.metadata.refresh.interval.ms": 60_000}}}
+    )
+    assert consumer_config(s, noop, None)["topic.metadata.refresh.interval.ms"] == 60_000
