@@ -1,0 +1,428 @@
+"""The records streamkm writes: assignments, dead letters and the published model.
+
+Everything a reader of the output topics sees is written here, so the output contract changes
+in this one file:
+
+* :func:`encode_assignments` — one JSON record per input, a whole batch at a time in compiled
+  code (:func:`_write_assignments`), byte for byte what :func:`encode_assignment` writes per row;
+* :func:`dead_letter_record` — an input that will not reach the model, with the headers naming
+  where it came from and why it was refused, sized to fit the dead-letter topic;
+* :func:`model_record` — the model's public state, published on every checkpoint.
+
+Examples
+--------
+>>> import numpy as np
+>>> encode_assignments(np.array([2]), np.array([0.5]), np.array([0.1]), 7, "vectors",
+...                    np.array([0]), np.array([42]))
+[b'{"cluster":2,"distance":0.5,"score":0.1,"model_version":7,"topic":"vectors","partition":0,"offset":42}']
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, SupportsFloat, SupportsInt
+
+import numpy as np
+from numba import njit
+
+from streamkm.codec import (
+    HEADER_MESSAGE,
+    HEADER_OFFSET,
+    HEADER_PARTITION,
+    HEADER_REASON,
+    HEADER_TOPIC,
+    dead_letter_record,
+)
+from streamkm.errors import DecodeError
+
+# -- assignments -------------------------------------------------------------------------------
+
+# Distances and scores carry 9 significant digits (``%.9g``): every float32 round-trips exactly.
+_FLOAT_FMT = "%.9g"
+# Records are joined with this byte in one buffer and split apart in one call; JSON text and
+# Kafka topic names never contain it.
+_SEP = b"\n"
+_POW10 = np.array([10.0**i for i in range(23)])  # exact in float64
+_PAIRS = np.frombuffer(b"".join(b"%02d" % i for i in range(100)), dtype=np.uint8).copy()
+_HEAD = np.frombuffer(b'{"cluster":', dtype=np.uint8)
+_DISTANCE = np.frombuffer(b',"distance":', dtype=np.uint8)
+_SCORE = np.frombuffer(b',"score":', dtype=np.uint8)
+_OFFSET = np.frombuffer(b',"offset":', dtype=np.uint8)
+_TAIL = np.frombuffer(b"}" + _SEP, dtype=np.uint8)
+# The longest a record can be beyond its constant parts: three int64 (20 characters each with
+# a sign) and two floats ("-1.23456789e-300" is 16).
+_MAX_VARIABLE = 3 * 20 + 2 * 16
+
+
+def _float_json(x: float) -> str:
+    # JSON has no NaN/Infinity; null keeps the payload parseable by any consumer.
+    return _FLOAT_FMT % x if x - x == 0.0 else "null"
+
+
+def encode_assignment(
+    cluster: SupportsInt,
+    distance: SupportsFloat,
+    score: SupportsFloat,
+    model_version: SupportsInt,
+    topic: str,
+    partition: SupportsInt,
+    offset: SupportsInt,
+) -> bytes:
+    """Encode one assignment as compact JSON: the reference for :func:`encode_assignments`.
+
+    Returns
+    -------
+    bytes
+        ``{"cluster":…,"distance":…,"score":…,"model_version":…,"topic":…,"partition":…,
+        "offset":…}``; distance and score with 9 significant digits, ``null`` when not finite.
+    """
+    return (
+        f'{{"cluster":{int(cluster)},"distance":{_float_json(float(distance))},'
+        f'"score":{_float_json(float(score))},"model_version":{int(model_version)},'
+        f'"topic":{json.dumps(str(topic))},"partition":{int(partition)},"offset":{int(offset)}}}'
+    ).encode()
+
+
+def encode_assignments(
+    labels: Any,
+    distances: Any,
+    scores: Any,
+    model_version: int,
+    topic: str,
+    partitions: Any,
+    offsets: Any,
+) -> list[bytes]:
+    """Encode a batch of assignments, the same bytes as :func:`encode_assignment` per row.
+
+    The records are written into one buffer by compiled code and split apart with one call;
+    the few values whose ninth digit the fast formatting cannot decide for sure (a distance
+    within 5e-7 of a rounding tie, or outside 1e-14..1e30) are formatted by Python instead.
+
+    Parameters
+    ----------
+    labels : array-like of int, shape (n,)
+        Cluster of each row.
+    distances, scores : array-like of float, shape (n,)
+        Distance and anomaly score of each row.
+    model_version : int
+        Model version, shared by the batch.
+    topic : str
+        Source topic, shared by the batch.
+    partitions, offsets : array-like of int, shape (n,) or scalar
+        Source partition and offset of each row (a scalar is shared by all rows).
+
+    Returns
+    -------
+    list of bytes
+        One JSON payload per row.
+    """
+    lab = np.ascontiguousarray(labels, dtype=np.int64)
+    n = lab.shape[0]
+    dist = np.ascontiguousarray(distances, dtype=np.float64)
+    score = np.ascontiguousarray(scores, dtype=np.float64)
+    part = np.ascontiguousarray(np.broadcast_to(partitions, (n,)), dtype=np.int64)
+    off = np.ascontiguousarray(np.broadcast_to(offsets, (n,)), dtype=np.int64)
+    if not (dist.shape == score.shape == (n,)) or lab.ndim != 1:
+        raise ValueError("all per-row arguments must have the same length")
+    if n == 0:
+        return []
+    middle = b',"model_version":%d,"topic":%s,"partition":' % (
+        int(model_version),
+        json.dumps(str(topic)).encode(),
+    )
+    middle_arr = np.frombuffer(middle, dtype=np.uint8)
+    width = len(_HEAD) + len(_DISTANCE) + len(_SCORE) + len(middle) + len(_OFFSET) + len(_TAIL)
+    buf = np.empty(n * (width + _MAX_VARIABLE), dtype=np.uint8)
+    slow = np.zeros(n, dtype=np.bool_)
+    end = _write_assignments(lab, dist, score, part, off, middle_arr, buf, slow, _POW10, _PAIRS)
+    out = buf[:end].tobytes().split(_SEP)
+    out.pop()  # after the last separator
+    if slow.any():
+        for i in np.flatnonzero(slow).tolist():
+            out[i] = encode_assignment(
+                lab[i], dist[i], score[i], model_version, topic, part[i], off[i]
+            )
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _n_digits(v: int) -> int:  # pragma: no cover - compiled
+    n = 1
+    while v >= 10000:
+        v //= 10000
+        n += 4
+    if v >= 100:
+        v //= 100
+        n += 2
+    if v >= 10:
+        n += 1
+    return n
+
+
+@njit(cache=True, nogil=True)
+def _put_uint(buf, pos, v, n, pairs):  # pragma: no cover
+    """Write the ``n`` decimal digits of ``v >= 0`` at ``pos``; return the end.
+
+    buf : uint8 (m,) OUT; pairs : uint8 (200,) IN, the digit pairs "00".."99".
+    """
+    i = pos + n
+    while v >= 100:
+        r = (v % 100) * 2
+        v //= 100
+        i -= 2
+        buf[i] = pairs[r]
+        buf[i + 1] = pairs[r + 1]
+    if v >= 10:
+        buf[i - 2] = pairs[2 * v]
+        buf[i - 1] = pairs[2 * v + 1]
+    else:
+        buf[i - 1] = 48 + v
+    return pos + n
+
+
+@njit(cache=True, nogil=True)
+def _put_int(buf, pos, v, pairs):  # pragma: no cover
+    """Write ``"%d" % v`` at ``pos``; return the end. buf : uint8 (m,) OUT."""
+    if v < 0:
+        buf[pos] = 45  # "-"
+        pos += 1
+        if v == -9223372036854775808:  # no positive counterpart in int64
+            for j, c in enumerate(b"9223372036854775808"):
+                buf[pos + j] = c
+            return pos + 19
+        v = -v
+    return _put_uint(buf, pos, v, _n_digits(v), pairs)
+
+
+@njit(cache=True, nogil=True)
+def _put_digits(buf, pos, d, nd, dot, pairs):  # pragma: no cover
+    """Write the ``nd`` digits of ``d`` with a "." after the first ``dot`` (none if dot >= nd)."""
+    if dot >= nd:
+        return _put_uint(buf, pos, d, nd, pairs)
+    low_n = nd - dot
+    p10 = 1
+    for _ in range(low_n):
+        p10 *= 10
+    end = _put_uint(buf, pos, d // p10, dot, pairs)
+    buf[end] = 46  # "."
+    low = d % p10
+    # The low digits keep their leading zeros: write them right-aligned over "0"s.
+    for j in range(low_n):
+        buf[end + 1 + j] = 48
+    ln = _n_digits(low)
+    _put_uint(buf, end + 1 + low_n - ln, low, ln, pairs)
+    return end + 1 + low_n
+
+
+@njit(cache=True, nogil=True)
+def _put_g9(buf, pos, x, pow10, pairs):  # pragma: no cover
+    """Write ``"%.9g" % x`` (``null`` if not finite) at ``pos``; return the end, or -1.
+
+    -1 means the ninth digit is too close to a rounding tie to be decided in float64 (or x is
+    outside 1e-14..1e30): the caller formats x exactly instead. Otherwise the digits are those
+    of Python's correctly rounded ``%.9g``: ``y = |x| * 10**(8 - e)`` is one correctly rounded
+    operation on exact powers of ten, so it is within 2**-23 of the true value, and rounding it
+    is exact unless its fraction is within 5e-7 of one half.
+    """
+    if x != x or x - x != 0.0:
+        buf[pos] = 110  # "null"
+        buf[pos + 1] = 117
+        buf[pos + 2] = 108
+        buf[pos + 3] = 108
+        return pos + 4
+    if x == 0.0:
+        if math.copysign(1.0, x) < 0:
+            buf[pos] = 45
+            pos += 1
+        buf[pos] = 48
+        return pos + 1
+    if x < 0:
+        buf[pos] = 45
+        pos += 1
+        x = -x
+    if x < 1e-14 or x >= 1e30:
+        return -1
+    e = int(math.floor(math.log10(x)))  # noqa: RUF046 - an int in compiled code too
+    k = 8 - e
+    y = x * pow10[k] if k >= 0 else x / pow10[-k]
+    if y < 1e8:
+        e -= 1
+        k += 1
+        y = x * pow10[k] if k >= 0 else x / pow10[-k]
+    elif y >= 1e9:
+        e += 1
+        k -= 1
+        y = x * pow10[k] if k >= 0 else x / pow10[-k]
+    f = math.floor(y)
+    frac = y - f
+    if abs(frac - 0.5) < 5e-7:
+        return -1
+    d = int(f)
+    if frac > 0.5:
+        d += 1
+    if d == 1000000000:
+        d = 100000000
+        e += 1
+    if d < 100000000 or d >= 1000000000:
+        return -1
+    nd = 9
+    while d % 10 == 0:
+        d //= 10
+        nd -= 1
+    if -4 <= e < 9:  # fixed notation
+        if e >= 0:
+            if nd <= e + 1:
+                pos = _put_uint(buf, pos, d, nd, pairs)
+                for _ in range(e + 1 - nd):
+                    buf[pos] = 48
+                    pos += 1
+                return pos
+            return _put_digits(buf, pos, d, nd, e + 1, pairs)
+        buf[pos] = 48  # "0."
+        buf[pos + 1] = 46
+        pos += 2
+        for _ in range(-e - 1):
+            buf[pos] = 48
+            pos += 1
+        return _put_uint(buf, pos, d, nd, pairs)
+    pos = _put_digits(buf, pos, d, nd, 1, pairs)  # exponent notation: d.dddde+XX
+    buf[pos] = 101
+    buf[pos + 1] = 45 if e < 0 else 43
+    pos += 2
+    if e < 0:
+        e = -e
+    if e < 10:
+        buf[pos] = 48
+        pos += 1
+    return _put_uint(buf, pos, e, _n_digits(e), pairs)
+
+
+@njit(cache=True, nogil=True)
+def _put(buf, pos, src):  # pragma: no cover
+    for j in range(src.shape[0]):
+        buf[pos + j] = src[j]
+    return pos + src.shape[0]
+
+
+@njit(cache=True, nogil=True)
+def _write_assignments(  # pragma: no cover - compiled
+    labels, distances, scores, partitions, offsets, middle, buf, slow, pow10, pairs
+):
+    """Write the JSON records of a batch, each followed by "\\n", into ``buf``.
+
+    labels, partitions, offsets : int64 (n,) IN
+    distances, scores : float64 (n,) IN
+    middle : uint8 (m,) IN — ``,"model_version":V,"topic":"T","partition":``
+    buf : uint8 (capacity,) OUT — room for the longest possible records
+    slow : bool (n,) OUT — rows with a value to format exactly in Python (left empty here)
+    pow10 : float64 (23,) IN; pairs : uint8 (200,) IN
+
+    Returns the number of bytes written.
+    """
+    pos = 0
+    for i in range(labels.shape[0]):
+        pos = _put(buf, pos, _HEAD)
+        pos = _put_int(buf, pos, labels[i], pairs)
+        pos = _put(buf, pos, _DISTANCE)
+        q = _put_g9(buf, pos, distances[i], pow10, pairs)
+        if q < 0:
+            slow[i] = True
+            q = pos
+        pos = _put(buf, q, _SCORE)
+        q = _put_g9(buf, pos, scores[i], pow10, pairs)
+        if q < 0:
+            slow[i] = True
+            q = pos
+        pos = _put(buf, q, middle)
+        pos = _put_int(buf, pos, partitions[i], pairs)
+        pos = _put(buf, pos, _OFFSET)
+        pos = _put_int(buf, pos, offsets[i], pairs)
+        pos = _put(buf, pos, _TAIL)
+    return pos
+
+
+# -- dead letters ------------------------------------------------------------------------------
+
+
+@dataclass
+class DeadLetter:
+    """A consumed message that will not reach the model.
+
+    Attributes
+    ----------
+    topic, partition, offset : str, int, int
+        Where it was read.
+    key, value : bytes or None
+        Its key and value, as consumed.
+    headers : list of (str, bytes) or None
+        Its headers; None when it had none or they could not be read.
+    error : DecodeError
+        Why it was refused.
+    headers_unreadable : bool
+        Its headers could not be read (e.g. a header name that is not UTF-8).
+    """
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]] | None
+    error: DecodeError
+    headers_unreadable: bool = False
+
+    def record(
+        self, max_record_bytes: int
+    ) -> tuple[bytes | None, list[tuple[str | bytes, bytes | None]]]:
+        """The value and headers of its dead-letter record (see :func:`dead_letter_record`)."""
+        return dead_letter_record(
+            self.value, self.key, self.headers, (self.topic, self.partition, self.offset),
+            self.error.reason, self.error.message, max_record_bytes, self.headers_unreadable,
+        )  # fmt: skip
+
+
+# -- the model ---------------------------------------------------------------------------------
+
+
+def model_record(version: int, state: Mapping[str, Any], created_at: float | None = None) -> bytes:
+    """The JSON value published to ``kafka.model_topic`` on every checkpoint.
+
+    Parameters
+    ----------
+    version : int
+        Model version.
+    state : mapping
+        The model's public state (JSON-able), e.g. ``n_samples_seen``, ``n_clusters``, ``dim``,
+        ``centroids``, ``counts`` for k-means.
+    created_at : float, optional
+        Unix time; now by default.
+
+    Returns
+    -------
+    bytes
+        ``{"model_version": …, <state>, "created_at": …}``.
+    """
+    body = {
+        "model_version": int(version),
+        **state,
+        "created_at": time.time() if created_at is None else created_at,
+    }
+    return json.dumps(body).encode()
+
+
+__all__ = [
+    "HEADER_MESSAGE",
+    "HEADER_OFFSET",
+    "HEADER_PARTITION",
+    "HEADER_REASON",
+    "HEADER_TOPIC",
+    "DeadLetter",
+    "dead_letter_record",
+    "encode_assignment",
+    "encode_assignments",
+    "model_record",
+]
