@@ -84,6 +84,10 @@ class Health:
         """Remember the last non-fatal Kafka error (readiness shows it while unassigned)."""
         self.last_kafka_error = text
 
+    def clear_kafka_error(self) -> None:
+        """Partitions were assigned: the last Kafka error is history."""
+        self.last_kafka_error = None
+
     def live(self) -> tuple[bool, str]:
         """``/healthz``: no fatal error, and the loop turns."""
         if self.fatal is not None:

@@ -27,6 +27,7 @@ Examples
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -99,6 +100,8 @@ class Bulk:
         First offset, and one past the last, of every partition in the bulk (valid and dead).
     n_messages : int
         Messages consumed (rows plus dead letters).
+    seconds : float
+        Time spent turning the messages into this bulk (decoding above all).
     """
 
     X: np.ndarray
@@ -110,6 +113,7 @@ class Bulk:
     first: dict[TopicPart, int] = field(default_factory=dict)
     next: dict[TopicPart, int] = field(default_factory=dict)
     n_messages: int = 0
+    seconds: float = 0.0
 
     def __len__(self) -> int:
         return int(self.X.shape[0])
@@ -217,6 +221,7 @@ class Source:
         return self._bulk(messages)
 
     def _bulk(self, messages: list[Any]) -> Bulk:
+        t0 = time.perf_counter()
         n = len(messages)
         X, ok_index, errors = self.decoder.decode_many(list(map(_value, messages)))
         partitions = np.fromiter(map(_partition, messages), dtype=np.int32, count=n)
@@ -240,7 +245,8 @@ class Source:
             keys = [keys[i] for i in ok_index.tolist()]
             if timestamps is not None:
                 timestamps = timestamps[ok_index]
-        return Bulk(X, partitions, offsets, keys, timestamps, dead, first, after, n)
+        seconds = time.perf_counter() - t0
+        return Bulk(X, partitions, offsets, keys, timestamps, dead, first, after, n, seconds)
 
     def _without_errors(self, messages: list[Any]) -> list[Any]:
         kept = []

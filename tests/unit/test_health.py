@@ -23,6 +23,8 @@ def test_a_fatal_client_error_is_recorded_once_and_stops() -> None:
     h.on_client_error(KafkaError(KafkaError._FATAL, "again", fatal=True))
     assert stops == [1]
     assert h.live()[0] is False and "fenced" in h.live()[1]
+    h.clear_kafka_error()
+    assert h.ready(assigned=False, fitted=False) == (False, "no partitions assigned")
     with pytest.raises(StreamkmKafkaError, match="fenced"):
         h.raise_if_fatal()
 

@@ -108,7 +108,7 @@ def source(consumer: FakeConsumer, **kw: Any) -> Source:
 def test_a_bulk_of_two_partitions_gives_rows_arrays_and_the_span_of_each_partition() -> None:
     bulk_in = [msg(0, 10), msg(1, 3), msg(0, 11, key=b"k"), msg(1, 4)]
     bulk = source(FakeConsumer([bulk_in])).consume(100, 0.1)
-    assert bulk is not None and len(bulk) == 4 and bulk.n_messages == 4
+    assert bulk is not None and len(bulk) == 4 and bulk.n_messages == 4 and bulk.seconds > 0
     assert bulk.X.dtype == np.float32 and bulk.X.shape == (4, DIM)
     np.testing.assert_array_equal(bulk.X[1], np.frombuffer(vec(3), "<f4"))
     assert bulk.partitions.tolist() == [0, 1, 0, 1]
