@@ -149,6 +149,12 @@ def encode_assignments(
     return out
 
 
+def warm_up() -> None:
+    """Compile (or load from Numba's cache) the batch encoder before the first batch needs it."""
+    one = np.ones(1)
+    encode_assignments(one.astype(np.int64), one, one, 0, "t", 0, one.astype(np.int64))
+
+
 @njit(cache=True, nogil=True)
 def _n_digits(v: int) -> int:  # pragma: no cover - compiled
     n = 1
@@ -425,4 +431,5 @@ __all__ = [
     "encode_assignment",
     "encode_assignments",
     "model_record",
+    "warm_up",
 ]
