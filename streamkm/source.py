@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -137,6 +137,9 @@ class Source:
         (exactly-once replays from them).
     timestamps : bool, default False
         Gather each row's timestamp into :attr:`Bulk.timestamps` (one more call per message).
+    members : callable, optional
+        Tells how many members the consumer group has (None when it cannot be told); see
+        :meth:`group_members`.
 
     Notes
     -----
@@ -153,8 +156,10 @@ class Source:
         cooperative: bool = True,
         read_committed_offsets: bool = False,
         timestamps: bool = False,
+        members: Callable[[], int | None] | None = None,
     ) -> None:
         self.consumer = consumer
+        self._members = members
         self.topic = topic
         self.decoder = decoder
         self.cooperative = cooperative
@@ -284,6 +289,10 @@ class Source:
             self._rate_log.warning("commit", "committing offsets failed: %s", exc.args[0].str())
             return False
         return True
+
+    def group_members(self) -> int | None:
+        """How many members the consumer group has now, None when it cannot be told."""
+        return None if self._members is None else self._members()
 
     def group_metadata(self) -> Any:
         """The consumer group metadata a transaction's offsets are sent with."""

@@ -207,3 +207,5 @@ def test_seek_and_commit_reach_the_consumer_and_a_failed_commit_is_only_a_warnin
     consumer.fail_commit = True
     assert src.commit({("in", 0): 10}) is False
     assert src.commit({}) is True
+    assert src.group_members() is None
+    assert source(consumer, members=lambda: 2).group_members() == 2
