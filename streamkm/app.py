@@ -20,6 +20,7 @@ import contextlib
 import copy
 import json
 import logging
+import operator
 import signal
 import threading
 import time
@@ -892,10 +893,17 @@ class _Abort(Exception):
     """The current transaction was aborted; the batch is to be redone."""
 
 
+# confluent-kafka's Message.headers() can return a list while a UnicodeDecodeError is set (a
+# header name that is not UTF-8). A specialised call site in the interpreter does not check
+# for that, and the error then surfaces at some later, unrelated call. operator.methodcaller
+# goes through PyObject_Call, which does check, so the error is raised here and handled.
+_HEADERS = operator.methodcaller("headers")
+
+
 def _read_headers(msg: Any) -> tuple[list[tuple[str, bytes]] | None, bool]:
     """A message's headers, and whether they were unreadable (a name that is not UTF-8)."""
     try:
-        return msg.headers(), False
+        return _HEADERS(msg), False
     except (UnicodeDecodeError, SystemError, ValueError, TypeError):
         return None, True
 
