@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: help install demo test test-unit test-integration chaos-full lint format bench clean
+.PHONY: help install demo test test-unit test-integration chaos-full fuzz-long lint format bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -33,6 +33,10 @@ test-integration: $(STAMP) ## integration tests only
 
 chaos-full: $(STAMP) ## the full-scale chaos run (200k+ messages, 5 SIGKILLs, a broker restart)
 	STREAMKM_CHAOS_SCALE=full $(PY) -m pytest -m chaos -v
+
+fuzz-long: $(STAMP) ## the long fuzz run: 400 Hypothesis streams per mode, 50k malformed messages per format
+	bash scripts/ensure-tools.sh
+	FUZZ_EXAMPLES=400 FUZZ_BAD=50000 $(PY) -m pytest tests/integration/test_fuzz.py -v
 
 lint: $(STAMP) ## ruff + mypy
 	$(VENV)/bin/ruff check streamkm tests bench
