@@ -57,6 +57,7 @@ METRICS: dict[str, str] = {
     "streamkm_checkpoint_age_seconds": "gauge",
     "streamkm_checkpoint_interval_seconds": "gauge",
     "streamkm_produce_errors_total": "counter",
+    "streamkm_group_members": "gauge",
     "streamkm_info": "gauge",
 }
 
