@@ -27,6 +27,7 @@ Examples
 from __future__ import annotations
 
 import logging
+import operator
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -374,10 +375,17 @@ def _span(
     return first, after
 
 
+# confluent-kafka's Message.headers() can return a list while a UnicodeDecodeError is set (a
+# header name that is not UTF-8). A specialised call site in the interpreter does not check
+# for that, and the error then surfaces at some later, unrelated call. operator.methodcaller
+# goes through PyObject_Call, which does check, so the error is raised here and handled.
+_HEADERS = operator.methodcaller("headers")
+
+
 def _read_headers(msg: Any) -> tuple[list[tuple[str, bytes]] | None, bool]:
     """A message's headers, and whether they were unreadable (a name that is not UTF-8)."""
     try:
-        return msg.headers(), False
+        return _HEADERS(msg), False
     except (UnicodeDecodeError, SystemError, ValueError, TypeError):
         return None, True
 
