@@ -38,12 +38,10 @@ __all__ = [
     "argmin_from_dots",
     "assign",
     "assign_direct",
-    "check_rows",
     "kmeans_plusplus",
     "n_local_trials",
     "relocate",
     "row_sq_norms",
-    "sample_offer",
     "update_centroids",
     "weighted_sums",
     "work_size",
@@ -67,37 +65,6 @@ _EMPTY = np.empty(0, dtype=np.float64)
 def n_local_trials(n_clusters: int) -> int:
     """Number of candidates tried per greedy k-means++ step: ``2 + floor(ln k)``."""
     return 2 + int(np.log(max(n_clusters, 1)))
-
-
-@njit(cache=True, nogil=True)
-def check_rows(X, bound):  # pragma: no cover - compiled
-    """First row that is not finite or whose squared norm exceeds ``bound``.
-
-    Parameters
-    ----------
-    X : ndarray of shape (n, d)
-        IN. Rows.
-    bound : float
-        IN. Largest squared norm admitted.
-
-    Returns
-    -------
-    row : int
-        Index of the first bad row, or -1 when every row is good.
-    kind : int
-        1 for NaN or infinity, 2 for a squared norm above ``bound``; 0 when all are good.
-    """
-    n, d = X.shape
-    for i in range(n):
-        s = 0.0
-        for t in range(d):
-            v = float(X[i, t])
-            if not np.isfinite(v):
-                return i, 1
-            s += v * v
-        if s > bound:
-            return i, 2
-    return -1, 0
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
@@ -251,9 +218,7 @@ def assign_direct(
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
-def argmin_from_dots(
-    dots, X, shift, c_sq, score_coef, labels, d2, scores, d2_second
-):  # pragma: no cover - compiled
+def argmin_from_dots(dots, X, c_sq, score_coef, labels, d2, scores, d2_second):  # pragma: no cover
     """Nearest centroid of every row given the dot products ``X·Cᵀ`` (GEMM path).
 
     Parameters
@@ -261,12 +226,9 @@ def argmin_from_dots(
     dots : ndarray of shape (m, k), same dtype as X
         IN. ``X[i]·c_j`` for the m rows of this chunk.
     X : ndarray of shape (m, d)
-        IN. The rows of this chunk (for ``‖x − shift‖²``).
-    shift : ndarray of shape (d,) or (0,), same dtype as X
-        IN. Centre of the frame the centroids are given in; empty for none.
+        IN. The rows of this chunk (for ``‖x‖²``).
     c_sq : ndarray of shape (k,), same dtype as X
-        IN. ``‖c_j‖² + 2·shift·c_j`` (``‖c_j‖²`` without a shift), so that
-        ``‖x − shift − c_j‖² = ‖x − shift‖² − 2·x·c_j + c_sq[j]``.
+        IN. ``‖c_j‖²``.
     score_coef : ndarray of shape (2, k) or (0, k), float64
         IN. See :func:`assign_direct`; empty to skip the scores.
     labels : ndarray of shape (m,), int64
@@ -281,14 +243,10 @@ def argmin_from_dots(
     m, d = X.shape
     want_scores = score_coef.shape[0] > 0
     want_second = d2_second.shape[0] > 0
-    centred = shift.shape[0] > 0
     for i in range(m):
         xsq = X.dtype.type(0.0)
         for t in range(d):
-            a = X[i, t]
-            if centred:
-                a -= shift[t]
-            xsq += a * a
+            xsq += X[i, t] * X[i, t]
         j, e, f, sc = _nearest_row(xsq, dots[i], c_sq, score_coef, want_scores, want_second)
         labels[i] = j
         d2[i] = e
@@ -314,9 +272,9 @@ def assign(
     """Nearest centroid of every row, through the faster of the two paths.
 
     With ``shift``, distances are those between ``x − shift`` and centroids given in the frame
-    centred on ``shift``: the expanded form then loses only about ``eps·‖x‖·‖c‖`` (GEMM path)
-    or ``eps·‖x − shift‖²`` (direct path) to cancellation instead of ``eps·‖x‖²``, which keeps
-    labels right for data far from the origin.
+    centred on ``shift``: the expanded form ``‖x‖² − 2x·c + ‖c‖²`` then loses only
+    ``eps·‖x − shift‖²`` instead of ``eps·‖x‖²`` to cancellation, which keeps labels exact for
+    data far from the origin.
 
     Parameters
     ----------
@@ -335,8 +293,8 @@ def assign(
     scores : ndarray of shape (n,) or (0,), float64
         OUT (only when ``score_coef`` is not empty).
     work : ndarray of shape (work_size(k, d),), same dtype as X
-        WORK. One chunk of dot products (GEMM path), or those of one pair of rows and their
-        centred copies (direct path).
+        WORK. One chunk of dot products and centred rows (GEMM path) or one pair of rows of
+        them (direct path).
     gemm_min_dk : int, optional
         Override of :data:`GEMM_MIN_DK` (for benchmarks and tests).
     d2_second : ndarray of shape (n,), float64, optional
@@ -355,22 +313,20 @@ def assign(
         return
     dots_all = work[: CHUNK_ROWS * k].reshape(CHUNK_ROWS, k)
     C_T = C.T  # a view: BLAS reads the transposed operand in place
-    sh = work[:0]
-    c_adj = c_sq
-    if shift is not None:
-        # the rows stay as they are; the centring goes into the centroid terms:
-        # ‖x − μ − c‖² = ‖x − μ‖² − 2·x·c + (‖c‖² + 2·μ·c), with c in the centred frame
-        sh = shift
-        c_adj = (c_sq + 2.0 * (C @ shift)).astype(C.dtype)
     for start in range(0, n, CHUNK_ROWS):
         stop = min(start + CHUNK_ROWS, n)
         dots = dots_all[: stop - start]
-        np.dot(X[start:stop], C_T, out=dots)
+        if shift is not None:
+            rows = work[CHUNK_ROWS * k : CHUNK_ROWS * k + (stop - start) * d]
+            rows = rows.reshape(stop - start, d)
+            np.subtract(X[start:stop], shift, out=rows)
+        else:
+            rows = X[start:stop]
+        np.dot(rows, C_T, out=dots)
         argmin_from_dots(
             dots,
-            X[start:stop],
-            sh,
-            c_adj,
+            rows,
+            c_sq,
             score_coef,
             labels[start:stop],
             d2[start:stop],
@@ -381,7 +337,7 @@ def assign(
 
 def work_size(n_clusters: int, n_features: int = 0) -> int:
     """Length of the ``work`` array :func:`assign` needs (``n_features`` for a ``shift``)."""
-    return CHUNK_ROWS * n_clusters + 2 * n_features
+    return CHUNK_ROWS * (n_clusters + n_features) + 2 * n_features
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
@@ -513,109 +469,6 @@ def weighted_sums(X, w, labels, d2, sums, wsum, wsse):  # pragma: no cover - com
         for t in range(d):
             sums[j, t] += wi * X[i, t]
     return total
-
-
-@njit(cache=True, nogil=True)
-def sample_offer(
-    X,
-    w,
-    e,
-    t0,
-    rate,
-    tau,
-    start,
-    rows,
-    s_lw,
-    s_lq,
-    free,
-    state,
-    log_slots,
-    log_rows,
-    log_lw,
-    log_lq,
-):  # pragma: no cover - compiled
-    """Write the rows of a batch whose priority beats ``tau`` into the sample's slots.
-
-    Row i has ``lw = ln w_i + (t0 + i)·rate`` and priority ``lq = lw + e_i``; it is kept when
-    ``lq > tau``, in a free slot if there is one, else in a new slot. Stops at the first kept
-    row for which there is no room (the caller evicts, then calls again from there).
-
-    Parameters
-    ----------
-    X : ndarray of shape (n, d)
-        IN. The batch.
-    w : ndarray of shape (n,) or (0,), float64
-        IN. Weights; empty when all are 1.
-    e : ndarray of shape (n,), float64
-        IN. Standard exponential draws.
-    t0 : int
-        IN. Stream position of row 0.
-    rate : float
-        IN. ``ln 2 / half_life`` (0 without forgetting).
-    tau : float
-        IN. Threshold log priority.
-    start : int
-        IN. First row to consider.
-    rows : ndarray of shape (alloc, d), same dtype as X
-        INOUT. Sample rows.
-    s_lw, s_lq : ndarray of shape (alloc,), float64
-        INOUT. Their log weights and log priorities.
-    free : ndarray of shape (alloc,), int64
-        IN. Stack of free slots.
-    state : ndarray of shape (3,), int64
-        INOUT. ``(used, n_free, capacity)``; the first two are updated.
-    log_slots : ndarray of shape (n,) or (0,), int64
-        OUT. Slots written, in order (when logging: ``log_slots`` not empty).
-    log_rows, log_lw, log_lq : ndarray of shape (n, d), (n,), (n,)
-        OUT. Their previous content.
-
-    Returns
-    -------
-    stop : int
-        Row at which the batch stopped for lack of room (``n`` when it was all offered).
-    n_logged : int
-        Entries written to the log.
-    """
-    n, d = X.shape
-    has_w = w.shape[0] > 0
-    logging = log_slots.shape[0] > 0
-    used = state[0]
-    n_free = state[1]
-    capacity = state[2]
-    n_logged = 0
-    i = start
-    while i < n:
-        lwi = (t0 + i) * rate
-        if has_w:
-            if w[i] <= 0.0:
-                i += 1
-                continue
-            lwi += np.log(w[i])
-        lqi = lwi + e[i]
-        if lqi > tau:
-            if n_free > 0:
-                n_free -= 1
-                slot = free[n_free]
-            elif used < capacity:
-                slot = used
-                used += 1
-            else:
-                break
-            if logging:
-                log_slots[n_logged] = slot
-                for t in range(d):
-                    log_rows[n_logged, t] = rows[slot, t]
-                log_lw[n_logged] = s_lw[slot]
-                log_lq[n_logged] = s_lq[slot]
-                n_logged += 1
-            for t in range(d):
-                rows[slot, t] = X[i, t]
-            s_lw[slot] = lwi
-            s_lq[slot] = lqi
-        i += 1
-    state[0] = used
-    state[1] = n_free
-    return i, n_logged
 
 
 @njit(cache=True, nogil=True)

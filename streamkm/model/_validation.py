@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from streamkm import kernel, limits
+from streamkm import limits
 from streamkm.errors import NotFittedError
 
 __all__ = [
@@ -193,10 +193,11 @@ def validate(X: Any, dtype: np.dtype, expected: int | None, owner: str) -> np.nd
         out = np.ascontiguousarray(arr, dtype=dtype)
     if n == 0:
         return out
-    bound = limits.max_sq_norm(dtype)
-    row, kind = kernel.check_rows(out, bound)
-    if kind == 1:
+    # max and min are NaN or infinite as soon as one value is; their magnitude bounds ‖x‖²
+    hi, lo = float(out.max()), float(out.min())
+    if not (math.isfinite(hi) and math.isfinite(lo)):
         bad_rows = np.flatnonzero(~np.isfinite(out).all(axis=1))
+        row = int(bad_rows[0])
         if np.isnan(out[row]).any():
             what = "NaN"
         elif np.isfinite(np.asarray(arr[row], dtype=np.float64)).all():
@@ -207,12 +208,15 @@ def validate(X: Any, dtype: np.dtype, expected: int | None, owner: str) -> np.nd
             f"X contains {what} at row {row} ({bad_rows.size} bad row(s) of {n}); "
             "NaN and infinity are not allowed."
         )
-    if kind == 2:
+    peak = max(abs(hi), abs(lo))
+    bound = limits.max_sq_norm(dtype)
+    if peak * peak * d > bound:
         far = np.flatnonzero(limits.out_of_range(out, dtype))
-        raise ValueError(
-            f"X has a squared norm above {bound:.3g}, the range {dtype.name} arithmetic "
-            f"admits, at row {row} ({max(far.size, 1)} such row(s) of {n})"
-        )
+        if far.size:
+            raise ValueError(
+                f"X has a squared norm above {bound:.3g}, the range {dtype.name} arithmetic "
+                f"admits, at row {int(far[0])} ({far.size} such row(s) of {n})"
+            )
     return out
 
 

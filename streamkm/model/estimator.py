@@ -388,15 +388,14 @@ class StreamingKMeans(EstimatorShims):
         shift = kernel.update_centroids(
             X, w, labels, d2, inv, scoring.CLIP, C, counts, sse, recent, sums, wsum
         )
+        spread = float(np.median(1.0 / inv))
         ratio = float(self.reassignment_ratio)
         rng = self._rng
         moved = relocation.relocate_on_batch(
-            X, w, labels, d2, d2_second, C, counts, sse, recent, ratio, rng, inv, per_batch
+            X, w, labels, d2, d2_second, C, counts, sse, recent, ratio, rng, spread, per_batch
         )
         shift += moved / k
-        unit = w.base is not None and w.base is self.__dict__["_ones"].get("ones")
-        e = np.asarray(self._rng.standard_exponential(n))
-        self._sample.offer(X, None if unit else w, e, self.n_samples_seen_)
+        self._sample.offer(X, w, np.asarray(self._rng.random(n)), self.n_samples_seen_)
         self.n_samples_seen_ += n
         self.n_steps_ += 1
         self.inertia_ = inertia
@@ -419,7 +418,7 @@ class StreamingKMeans(EstimatorShims):
         k = old.shape[0]
         total_w = float(out.wsum.sum())
         self._next_refine = refine.next_refine(
-            self.n_samples_seen_, out.passes, sample.n_live, sample.size, int(self.batch_size)
+            self.n_samples_seen_, out.passes, sample.n_live, int(self.batch_size)
         )
         if not total_w > 0:
             return 0.0

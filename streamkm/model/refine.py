@@ -7,12 +7,11 @@ swap of the least useful centroid that is kept only if it lowers the sample's er
 (:func:`streamkm.model.relocation.swap_on_sample`). Coreset methods (StreamKM++, Ackermann et
 al. 2012; BICO, Fichtenberger et al. 2013) reach near-offline quality in one pass the same way.
 
-Schedule: while the sample still holds the whole stream (fewer rows seen than its size),
-refinements come at geometric stream positions (each ``EARLY_FACTOR`` times the last: about
-``2·p·size`` row-passes in all, p the passes per refinement). Once the sample is full, a
-refinement that cost ``p`` passes over ``m`` rows is followed by the next one after
-``p·m / REFINE_BUDGET`` further rows: in the long run refinement costs ``ρ = REFINE_BUDGET``
-times the assignment work of the stream itself.
+Schedule: a refinement that cost ``p`` passes over ``m`` sample rows is followed by the next one
+after ``max(batch_size, p·m / REFINE_BUDGET)`` further rows. While the sample still holds the
+whole stream this is geometric (the n-th refinement at about ``(1 + p/ρ)^n`` rows); once it is
+full it is periodic, every ``p·size/ρ`` rows. Refinement therefore never costs more than
+``ρ = REFINE_BUDGET`` times the assignment work of the stream itself.
 """
 
 from __future__ import annotations
@@ -30,10 +29,8 @@ __all__ = ["LLOYD_PASSES", "REFINE_BUDGET", "Refined", "lloyd", "next_refine", "
 
 #: Assignment passes over the sample per refinement (the last one measures the result).
 LLOYD_PASSES = 3
-#: Growth factor of the stream between two refinements while the sample is not full.
-EARLY_FACTOR = 2.0
-#: Once the sample is full: refinement work allowed per unit of stream assignment work.
-REFINE_BUDGET = 0.25
+#: Refinement work allowed per unit of stream assignment work.
+REFINE_BUDGET = 0.5
 
 #: assign(X, C, d2_second) -> (labels, d2): nearest centroid under the model's centring.
 AssignFn = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], tuple[np.ndarray, np.ndarray]]
@@ -66,26 +63,9 @@ class Refined(NamedTuple):
     swapped: bool
 
 
-def next_refine(n_seen: int, passes: int, rows: int, size: int, batch_size: int) -> int:
-    """Stream position of the next refinement after one at ``n_seen`` (see module docstring).
-
-    Parameters
-    ----------
-    n_seen : int
-        Rows seen so far.
-    passes : int
-        Assignment passes the refinement made.
-    rows : int
-        Rows in the sample.
-    size : int
-        The sample's target size.
-    batch_size : int
-        The model's batch size (the shortest gap).
-    """
-    if rows < size:  # the sample still holds the whole stream: geometric
-        gap = int((EARLY_FACTOR - 1.0) * n_seen)
-    else:
-        gap = math.ceil(passes * rows / REFINE_BUDGET)
+def next_refine(n_seen: int, passes: int, rows: int, batch_size: int) -> int:
+    """Stream position of the next refinement after one at ``n_seen`` (see module docstring)."""
+    gap = math.ceil(passes * rows / REFINE_BUDGET)
     return n_seen + max(int(batch_size), gap)
 
 

@@ -5,8 +5,7 @@ Two rules, each where it is cheap and cannot cost quality:
 * **Starved centroids, on every batch.** A centroid whose recent weight falls below
   ``reassignment_ratio`` times the largest moves to where it removes the most error of the
   batch: a candidate drawn like k-means++ against the live centroids, which must take at least
-  ``MIN_ROWS`` rows (a lone outlier never attracts a centroid) and remove more error than the
-  few rows the centroid still serves lose (a small but real cluster is not abandoned).
+  ``MIN_ROWS`` rows (a lone outlier never attracts a centroid).
 * **A swap, on the batch, every ``SWAP_EVERY`` steps**, for groups that appear mid-stream: the
   centroid whose removal costs least (its rows' extra error at their second nearest centroid)
   moves when the best place found removes more than ``BATCH_SWAP_MARGIN`` times that cost *and*
@@ -15,9 +14,7 @@ Two rules, each where it is cheap and cannot cost quality:
   data never do (a sample of a long stream holds too few rows of a new group to see it soon).
 * **A swap, on the sample, at refinement time.** The centroid whose removal costs least (its
   rows' extra error at their second nearest centroid) is offered the best of the k-means++
-  candidates (taking at least ``MIN_SHARE`` of an average cluster's weight, so scattered
-  outliers do not pull a centroid away); the move is kept only if, after two Lloyd passes,
-  the sample's total error is
+  candidates; the move is kept only if, after two Lloyd passes, the sample's total error is
   lower than without it (:func:`streamkm.model.refine.refine`). Empty centroids of the sample
   are moved the same way. This is how a group that appears mid-stream, or that the
   initialisation missed, gets a centroid although none is starved — and, measured on a sample
@@ -39,8 +36,6 @@ logger = logging.getLogger(__name__)
 
 #: Least number of rows' worth of weight a moved centroid must take.
 MIN_ROWS = 3.0
-#: On the sample, a moved centroid must also take this share of an average cluster's weight.
-MIN_SHARE = 0.02
 #: A swap candidate must remove this many times the error the removal adds.
 SWAP_MARGIN = 1.0
 #: Steps between two swap attempts on the batch.
@@ -63,7 +58,7 @@ def relocate_on_batch(
     recent: np.ndarray,
     ratio: float,
     rng: np.random.Generator,
-    inv_scale: np.ndarray,
+    spread: float,
     per_batch: float,
 ) -> float:
     """Move the starved centroids, and on swap steps the least useful one, onto the batch.
@@ -78,8 +73,8 @@ def relocate_on_batch(
         ``reassignment_ratio``.
     rng : numpy Generator
         Draws of the candidates.
-    inv_scale : ndarray of shape (k,)
-        ``1 / s_j``; a moved centroid starts with the median spread.
+    spread : float
+        Typical per-cluster mean squared distance, given to a moved centroid as its spread.
     per_batch : float
         Fraction of ``recent`` one batch adds in steady state (to seed a moved centroid's).
 
@@ -98,9 +93,7 @@ def relocate_on_batch(
     starved = np.flatnonzero(recent < threshold)
     starved = starved[np.argsort(recent[starved], kind="stable")][: n // 2]
     targets = [int(j) for j in starved]
-    # a starved centroid still serves its few rows: it moves only if the new place removes
-    # more error than leaving them to their second nearest centroid adds
-    min_gain = [_removal_cost(X, w, labels, d2, C, j) for j in targets]
+    min_gain = [0.0] * len(targets)
     if d2_second is not None and len(targets) < k - 1:
         cost = np.bincount(labels, weights=w * (d2_second - d2), minlength=k)
         cost[starved] = np.inf
@@ -130,7 +123,6 @@ def relocate_on_batch(
     # A moved centroid starts afresh with the weight of the rows it now takes. Weight is
     # conserved: the others give up that weight (and what the moved one held) in proportion,
     # so counts still sums to the weight seen (decayed by half_life).
-    spread = float(np.median(1.0 / inv_scale))
     total = float(counts.sum())
     counts[moved_idx] = captured[hit]
     sse[moved_idx] = captured[hit] * spread
@@ -145,19 +137,6 @@ def relocate_on_batch(
     logger.debug("moved centroid(s) %s", moved_idx.tolist())
     diff = C[moved_idx].astype(np.float64) - old[hit]
     return float(np.sqrt((diff * diff).sum(axis=1)).sum())
-
-
-def _removal_cost(
-    X: np.ndarray, w: np.ndarray, labels: np.ndarray, d2: np.ndarray, C: np.ndarray, j: int
-) -> float:
-    """Extra batch error if centroid j vanished (its rows are few: it is starved)."""
-    rows = np.flatnonzero(labels == j)
-    if rows.size == 0 or C.shape[0] < 2:
-        return 0.0
-    others = np.delete(C, j, axis=0).astype(np.float64)
-    diff = X[rows].astype(np.float64)[:, None, :] - others[None, :, :]
-    second = (diff * diff).sum(axis=2).min(axis=1)
-    return float(np.dot(w[rows], np.maximum(second - d2[rows], 0.0)))
 
 
 def swap_on_sample(
@@ -209,8 +188,7 @@ def swap_on_sample(
     gain = np.empty(idx.size)
     captured = np.empty(idx.size)
     cand, best, cum = (np.empty(m) for _ in range(3))
-    total = float(w.sum())
-    min_captured = max(MIN_ROWS * total / n_live, MIN_SHARE * total / k)
+    min_captured = MIN_ROWS * float(w.sum()) / n_live
     moved = kernel.relocate(
         X,
         w,

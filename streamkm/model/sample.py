@@ -1,6 +1,6 @@
 """The bounded weighted sample of the stream that the model refines its centroids on.
 
-Every row offered gets a priority ``q = w·2^{t/h} / u`` (``u`` uniform in (0, 1), ``t`` the
+Every row offered gets a priority ``q = w·2^{t/h} / u`` (``u`` uniform in (0, 1], ``t`` the
 row's position in the stream, ``h`` the half-life; no ``2^{t/h}`` without forgetting), kept as
 ``log q``. The sample holds the rows whose priority beats a threshold ``τ``: the largest priority
 ever evicted (threshold priority sampling, Duffield, Lund and Thorup 2007). A row stands for
@@ -25,13 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from streamkm import kernel
-
 __all__ = ["Sample"]
 
 _LN2 = math.log(2.0)
-_NO_WEIGHTS = np.empty(0, dtype=np.float64)
-_NO_SLOTS = np.empty(0, dtype=np.int64)
 
 
 class Sample:
@@ -61,7 +57,6 @@ class Sample:
         self.used = 0  # slots written so far (live or free)
         self.n_free = 0
         self.tau = -math.inf  # log of the largest priority evicted
-        self._state = np.zeros(3, dtype=np.int64)  # (used, n_free, capacity) for the kernel
         self._log: list[tuple[str, np.ndarray, np.ndarray]] | None = None
 
     # ------------------------------------------------------------------ queries
@@ -98,68 +93,53 @@ class Sample:
 
     # ------------------------------------------------------------------ updates
 
-    def offer(self, X: np.ndarray, w: np.ndarray | None, e: np.ndarray, t0: int) -> None:
+    def offer(self, X: np.ndarray, w: np.ndarray, u: np.ndarray, t0: int) -> None:
         """Offer a batch of rows.
 
         Parameters
         ----------
         X : ndarray of shape (n, d)
             Rows, in stream order.
-        w : ndarray of shape (n,), float64, or None
-            Their weights; None when all are 1.
-        e : ndarray of shape (n,), float64
-            Standard exponential draws, one per row (``−ln u``).
+        w : ndarray of shape (n,), float64
+            Their weights.
+        u : ndarray of shape (n,), float64
+            Uniform draws in [0, 1), one per row.
         t0 : int
             Stream position of the first row.
         """
-        n = X.shape[0]
-        if self.size <= 0 or n == 0:
+        if self.size <= 0 or X.shape[0] == 0:
             return
-        self._grow(min(self.capacity, self.used + n))
-        w_arr = _NO_WEIGHTS if w is None else w
-        logging = self._log is not None
-        if logging:
-            log = (
-                np.empty(n, dtype=np.int64),
-                np.empty((n, self.rows.shape[1]), dtype=self.rows.dtype),
-                np.empty(n),
-                np.empty(n),
-            )
-        else:
-            log = (_NO_SLOTS, self.rows[:0], _NO_WEIGHTS, _NO_WEIGHTS)
-        state = self._state
-        start = 0
-        while True:
-            state[0], state[1], state[2] = self.used, self.n_free, self.capacity
-            stop, n_logged = kernel.sample_offer(
-                X,
-                w_arr,
-                e,
-                t0,
-                self.rate,
-                self.tau,
-                start,
-                self.rows,
-                self.lw,
-                self.lq,
-                self.free,
-                state,
-                *log,
-            )
-            self.used, self.n_free = int(state[0]), int(state[1])
-            if logging and n_logged:
-                assert self._log is not None
-                slots = log[0][:n_logged].copy()
-                self._log.append(("rows", slots, log[1][:n_logged].copy()))
-                self._log.append(("lw", slots, log[2][:n_logged].copy()))
-                self._log.append(("lq", slots, log[3][:n_logged].copy()))
-            if stop >= n:
-                return
-            self._evict_for(X, w, e, t0, stop)
-            start = stop
+        with np.errstate(divide="ignore"):
+            lw = np.log(w)
+        if self.rate:
+            lw = lw + (t0 + np.arange(X.shape[0])) * self.rate
+        lq = lw - np.log1p(-u)
+        acc = np.flatnonzero(lq > self.tau)
+        if acc.size == 0:
+            return
+        room = self.n_free + self.capacity - self.used
+        if acc.size > room:
+            acc = self._evict(lq, acc)
+        slots = self._take_slots(acc.size)
+        if self._log is not None:
+            self._record(slots)
+        self.rows[slots] = X[acc]
+        self.lw[slots] = lw[acc]
+        self.lq[slots] = lq[acc]
+
+    def _take_slots(self, m: int) -> np.ndarray:
+        """``m`` slots to write: free ones first, then new ones (growing the arrays)."""
+        reuse = min(m, self.n_free)
+        parts = [self.free[self.n_free - reuse : self.n_free][::-1].copy()]
+        self.n_free -= reuse
+        fresh = m - reuse
+        if fresh:
+            self._grow(self.used + fresh)
+            parts.append(np.arange(self.used, self.used + fresh, dtype=np.int64))
+            self.used += fresh
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def _grow(self, need: int) -> None:
-        """Make room for ``need`` slots (never beyond the capacity); slots never move."""
         alloc = self.rows.shape[0]
         if need <= alloc:
             return
@@ -170,31 +150,20 @@ class Sample:
             arr[: old.shape[0]] = old
             setattr(self, name, arr)
 
-    def _evict_for(
-        self, X: np.ndarray, w: np.ndarray | None, e: np.ndarray, t0: int, start: int
-    ) -> None:
-        """Evict down to ``size`` rows among the sample and the rows ``start:`` still to come."""
-        idx = np.arange(start, X.shape[0])
-        lw = (t0 + idx) * self.rate
-        if w is not None:
-            with np.errstate(divide="ignore"):
-                lw = lw + np.log(w[start:])
-        lq = lw + e[start:]
-        self._evict(lq[lq > self.tau])
+    def _evict(self, lq_new: np.ndarray, acc: np.ndarray) -> np.ndarray:
+        """Evict down to ``size`` rows among the sample and the candidates ``acc``.
 
-    def _evict(self, lq_new: np.ndarray) -> None:
-        """Evict down to ``size`` rows among the sample and candidates of priority ``lq_new``.
-
-        Raises the threshold ``τ`` to the largest priority dropped; frees the slots of the
-        sample rows dropped.
+        Returns the candidates that survive; raises the threshold ``τ`` to the largest
+        priority dropped.
         """
         live = np.flatnonzero(self.lq[: self.used] > -math.inf)
-        pool = np.concatenate([self.lq[live], lq_new])
+        pool = np.concatenate([self.lq[live], lq_new[acc]])
         if pool.size <= self.size:
-            return
+            return acc
         # the (size)-th largest priority is the lowest one kept
         cut = pool.size - self.size
-        dropped_max = float(np.partition(pool, cut - 1)[cut - 1])
+        part = np.partition(pool, cut - 1)
+        dropped_max = float(part[cut - 1])
         self.tau = max(self.tau, dropped_max)
         out = live[self.lq[live] <= dropped_max]
         if out.size:
@@ -203,6 +172,7 @@ class Sample:
             self.lq[out] = -math.inf
             self.free[self.n_free : self.n_free + out.size] = out
             self.n_free += out.size
+        return acc[lq_new[acc] > dropped_max]
 
     # ------------------------------------------------------------------ undo log
 
@@ -210,6 +180,13 @@ class Sample:
         """Start recording what the next offers overwrite; returns the scalars to restore."""
         self._log = []
         return self.used, self.n_free, self.tau
+
+    def _record(self, slots: np.ndarray) -> None:
+        assert self._log is not None
+        old = slots[slots < self.rows.shape[0]]
+        self._log.append(("rows", old, self.rows[old].copy()))
+        self._log.append(("lw", old, self.lw[old].copy()))
+        self._log.append(("lq", old, self.lq[old].copy()))
 
     def _record_free(self, out: np.ndarray) -> None:
         assert self._log is not None
@@ -238,8 +215,7 @@ class Sample:
         arrays = {
             "sample_rows": self.rows[: self.used].copy(),
             "sample_lw": self.lw[: self.used].copy(),
-            # free slots are marked by sample_free; -inf is not written (states are finite)
-            "sample_lq": np.where(self.lq[: self.used] == -math.inf, 0.0, self.lq[: self.used]),
+            "sample_lq": self.lq[: self.used].copy(),
             "sample_free": self.free[: self.n_free].copy(),
         }
         return meta, arrays
@@ -256,7 +232,4 @@ class Sample:
         self.lw[:used] = arrays["sample_lw"]
         self.lq[:used] = arrays["sample_lq"]
         self.free[:n_free] = arrays["sample_free"]
-        if n_free and not (self.free[:n_free].min() >= 0 and self.free[:n_free].max() < used):
-            raise ValueError("sample_free names slots outside the sample")
-        self.lq[self.free[:n_free]] = -math.inf
         self.used, self.n_free = used, n_free

@@ -57,13 +57,15 @@ def inv_spread(
     -------
     ndarray of shape (k,), float64
     """
-    g = (float(sse.sum()) + PRIOR_WEIGHT * scale0) / (float(counts.sum()) + PRIOR_WEIGHT)
+    total_w = float(counts.sum())
+    g = (float(sse.sum()) + PRIOR_WEIGHT * scale0) / (total_w + PRIOR_WEIGHT)
     s = (sse + PRIOR_WEIGHT * g) / (counts + PRIOR_WEIGHT)
+    d = centroids.shape[1]
     eps = float(np.finfo(centroids.dtype).eps)
-    peak = max(float(centroids.max()), -float(centroids.min())) if centroids.size else 0.0
-    resolution = centroids.shape[1] * (eps * (1.0 + peak)) ** 2
+    peak = float(np.abs(centroids).max()) if centroids.size else 0.0
+    resolution = d * (eps * (1.0 + peak)) ** 2
     floor = max(SPREAD_FLOOR * g, resolution, 1e-300)
-    return 1.0 / np.maximum(s, floor, out=s)
+    return 1.0 / np.maximum(s, floor)
 
 
 def score_coef(counts: np.ndarray, inv_scale: np.ndarray) -> np.ndarray:
