@@ -175,7 +175,7 @@ def topic_max_message_bytes(settings: Settings, topic: str, timeout_s: float = 1
         futures = admin.describe_configs([resource], request_timeout=timeout_s)
         entries = next(iter(futures.values())).result(timeout=timeout_s)
         return int(entries["max.message.bytes"].value)
-    except (KafkaException, KeyError, ValueError, TypeError, StopIteration) as exc:
+    except (KafkaException, KeyError, ValueError, TypeError, StopIteration, TimeoutError) as exc:
         log.warning(
             "cannot read max.message.bytes of topic %s (%s); assuming the broker default %d",
             topic, exc, BROKER_DEFAULT_MAX_MESSAGE_BYTES,
@@ -190,7 +190,7 @@ def group_member_count(settings: Settings, group: str, timeout_s: float = 10.0) 
         futures = admin.describe_consumer_groups([group], request_timeout=timeout_s)
         description = futures[group].result(timeout=timeout_s)
         return len(description.members)
-    except (KafkaException, KeyError, TypeError) as exc:
+    except (KafkaException, KeyError, TypeError, TimeoutError) as exc:
         log.debug("cannot describe group %s: %s", group, exc)
         return None
 
