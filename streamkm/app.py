@@ -20,7 +20,6 @@ import contextlib
 import copy
 import json
 import logging
-import operator
 import signal
 import threading
 import time
@@ -70,6 +69,7 @@ from streamkm.kafka import (
 )
 from streamkm.metrics import Metrics
 from streamkm.model import StreamingKMeans
+from streamkm.source import read_headers
 
 log = logging.getLogger(__name__)
 
@@ -491,7 +491,7 @@ class App:
             )
         for i, error in errors:
             m = kept[i]
-            headers, unreadable = _read_headers(m)
+            headers, unreadable = read_headers(m)
             dead = DeadLetter(
                 m.topic(), m.partition(), m.offset(), m.key(), m.value(), headers, error, unreadable
             )
@@ -891,21 +891,6 @@ class App:
 
 class _Abort(Exception):
     """The current transaction was aborted; the batch is to be redone."""
-
-
-# confluent-kafka's Message.headers() can return a list while a UnicodeDecodeError is set (a
-# header name that is not UTF-8). A specialised call site in the interpreter does not check
-# for that, and the error then surfaces at some later, unrelated call. operator.methodcaller
-# goes through PyObject_Call, which does check, so the error is raised here and handled.
-_HEADERS = operator.methodcaller("headers")
-
-
-def _read_headers(msg: Any) -> tuple[list[tuple[str, bytes]] | None, bool]:
-    """A message's headers, and whether they were unreadable (a name that is not UTF-8)."""
-    try:
-        return _HEADERS(msg), False
-    except (UnicodeDecodeError, SystemError, ValueError, TypeError):
-        return None, True
 
 
 def _keys(partitions: Iterable[TopicPartition]) -> set[TopicPart]:

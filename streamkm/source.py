@@ -243,7 +243,7 @@ class Source:
         if errors:
             for i, error in errors:
                 m = messages[i]
-                headers, unreadable = _read_headers(m)
+                headers, unreadable = read_headers(m)
                 where = (self.topic, int(partitions[i]), int(offsets[i]))
                 dead.append(DeadLetter(*where, keys[i], m.value(), headers, error, unreadable))
             partitions = partitions[ok_index]
@@ -382,7 +382,7 @@ def _span(
 _HEADERS = operator.methodcaller("headers")
 
 
-def _read_headers(msg: Any) -> tuple[list[tuple[str, bytes]] | None, bool]:
+def read_headers(msg: Any) -> tuple[list[tuple[str, bytes]] | None, bool]:
     """A message's headers, and whether they were unreadable (a name that is not UTF-8)."""
     try:
         return _HEADERS(msg), False
@@ -398,4 +398,4 @@ def _fmt_tps(partitions: Iterable[TopicPartition]) -> str:
     return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions) or "nothing"
 
 
-__all__ = ["AssignmentListener", "Bulk", "Source", "TopicPart"]
+__all__ = ["AssignmentListener", "Bulk", "Source", "TopicPart", "read_headers"]
