@@ -160,6 +160,50 @@ def crossover(repeats: int) -> None:
                 )
 
 
+def centring_cost(repeats: int) -> list[dict[str, float]]:
+    """Time the assignment kernel with and without the centring shift, on the same batches.
+
+    The model assigns in the frame centred on its sample's mean (so that float32 keeps its
+    precision for data far from the origin); this measures what that costs per batch for
+    every configuration of the main table.
+    """
+    from threadpoolctl import threadpool_limits
+
+    from streamkm import kernel
+
+    out = []
+    with threadpool_limits(limits=THREADS):
+        for d, k in CONFIGS:
+            X, _ = blobs(B, d, k, seed=d + k)
+            X = X + np.float32(1e3)  # data off the origin, where centring matters
+            rng = np.random.default_rng(0)
+            C = X[rng.choice(B, k, replace=False)].copy()
+            shift = X.mean(axis=0).astype(np.float32)
+            lab, d2 = np.empty(B, np.int64), np.empty(B)
+            coef, sc = np.empty((0, k)), np.empty(0)
+            work = np.empty(kernel.work_size(k, d), np.float32)
+            Cc = C - shift
+            c_sq, cc_sq = np.einsum("ij,ij->i", C, C), np.einsum("ij,ij->i", Cc, Cc)
+            fns = {
+                "plain": lambda: kernel.assign(X, C, c_sq, coef, lab, d2, sc, work),
+                "centred": lambda: kernel.assign(
+                    X, Cc, cc_sq, coef, lab, d2, sc, work, shift=shift
+                ),
+            }
+            for f in fns.values():
+                f()
+            samples: dict[str, list[float]] = {name: [] for name in fns}
+            for _ in range(repeats):
+                for name, f in fns.items():
+                    t0 = time.perf_counter()
+                    for _ in range(20):
+                        f()
+                    samples[name].append((time.perf_counter() - t0) / 20 * 1e6)
+            res = {name: float(np.median(v)) for name, v in samples.items()}
+            out.append({"d": d, "k": k, **res})
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
@@ -190,6 +234,17 @@ def main() -> None:
             f"{r['ours']:,.0f} | {r['ours'] / r['skl']:.2f}× | "
             f"{r['ours'] / r['skl_nolabels']:.2f}× | {r['step']:,.0f} | "
             f"{r['first_ours'] * 1e3:.0f} ms / {r['first_skl'] * 1e3:.0f} ms |"
+        )
+    print(
+        "\nCost of centring (assignment kernel on one batch at an offset of 1e3, "
+        f"median of {args.repeats} repeats × 20 calls)\n"
+    )
+    print("| d | k | plain µs | centred µs | centred / plain |")
+    print("|---|---|---|---|---|")
+    for r in centring_cost(args.repeats):
+        print(
+            f"| {r['d']} | {r['k']} | {r['plain']:.1f} | {r['centred']:.1f} | "
+            f"{r['centred'] / r['plain']:.2f}× |"
         )
     print(
         f"\nJIT compile (fresh Numba cache: import + first step + first partial_fit): "
