@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -184,11 +185,10 @@ def centring_cost(repeats: int) -> list[dict[str, float]]:
             work = np.empty(kernel.work_size(k, d), np.float32)
             Cc = C - shift
             c_sq, cc_sq = np.einsum("ij,ij->i", C, C), np.einsum("ij,ij->i", Cc, Cc)
+            out_args = (coef, lab, d2, sc, work)
             fns = {
-                "plain": lambda: kernel.assign(X, C, c_sq, coef, lab, d2, sc, work),
-                "centred": lambda: kernel.assign(
-                    X, Cc, cc_sq, coef, lab, d2, sc, work, shift=shift
-                ),
+                "plain": partial(kernel.assign, X, C, c_sq, *out_args),
+                "centred": partial(kernel.assign, X, Cc, cc_sq, *out_args, shift=shift),
             }
             for f in fns.values():
                 f()

@@ -7,7 +7,7 @@ from streamkm.errors import (
     ConfigError,
     CorruptFileError,
     DecodeError,
-    KafkaError,
+    KafkaClientError,
     StreamkmError,
 )
 
@@ -18,7 +18,7 @@ __all__ = [
     "ConfigError",
     "CorruptFileError",
     "DecodeError",
-    "KafkaError",
+    "KafkaClientError",
     "StreamingKMeans",
     "StreamkmError",
     "__version__",

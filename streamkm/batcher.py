@@ -59,6 +59,11 @@ class Batch:
     timestamps: np.ndarray
 
     @property
+    def topic(self) -> str:
+        """The input topic of the rows (the daemon reads one); "" for an empty batch."""
+        return str(self.topics[0]) if len(self.topics) else ""
+
+    @property
     def len(self) -> int:
         """Number of rows."""
         return int(self.X.shape[0])

@@ -1,4 +1,4 @@
-"""Bytes to feature vectors and back, and the JSON payload of an assignment.
+"""Bytes to feature vectors and back, the input side of the wire format.
 
 Three input formats:
 
@@ -18,8 +18,8 @@ Examples
 >>> X, ok, errors = dec.decode_many([np.ones(3, "<f4").tobytes(), b"", b"abc"])
 >>> X.shape, ok.tolist(), [(i, e.reason) for i, e in errors]
 ((1, 3), [0], [(1, 'empty'), (2, 'undecodable')])
->>> encode_assignment(2, 0.5, 0.1, 7, "vectors", 0, 42)
-b'{"cluster":2,"distance":0.5,"score":0.1,"model_version":7,"topic":"vectors","partition":0,"offset":42}'
+
+What the daemon writes (assignments, dead letters, the model record) is in :mod:`streamkm.records`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from typing import Any, Literal, NamedTuple, SupportsFloat, SupportsInt
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -391,105 +391,6 @@ def _row_or_inf(row: list[float], dtype: np.dtype) -> list[float]:
 # -- encoding ----------------------------------------------------------------------------------
 
 
-# Distances and scores carry 9 significant digits: every float32 round-trips exactly, and
-# the %-formatting is several times cheaper than repr() on the hot path.
-_FLOAT_FMT = "%.9g"
-
-
-def _float_json(x: float) -> str:
-    # JSON has no NaN/Infinity; null keeps the payload parseable by any consumer.
-    return _FLOAT_FMT % x if x - x == 0.0 else "null"
-
-
-def encode_assignment(
-    cluster: SupportsInt,
-    distance: SupportsFloat,
-    score: SupportsFloat,
-    model_version: SupportsInt,
-    topic: str,
-    partition: SupportsInt,
-    offset: SupportsInt,
-) -> bytes:
-    """Encode one assignment as compact JSON.
-
-    Returns
-    -------
-    bytes
-        ``{"cluster":…,"distance":…,"score":…,"model_version":…,"topic":…,"partition":…,
-        "offset":…}``; a non-finite distance or score is written as ``null``.
-    """
-    return (
-        f'{{"cluster":{int(cluster)},"distance":{_float_json(float(distance))},'
-        f'"score":{_float_json(float(score))},"model_version":{int(model_version)},'
-        f'"topic":{json.dumps(str(topic))},"partition":{int(partition)},"offset":{int(offset)}}}'
-    ).encode()
-
-
-def encode_assignments(
-    labels: Any,
-    distances: Any,
-    scores: Any,
-    model_version: int,
-    topics: Sequence[str] | np.ndarray | str,
-    partitions: Any,
-    offsets: Any,
-) -> list[bytes]:
-    """Encode a batch of assignments; the same bytes as :func:`encode_assignment` per row.
-
-    Parameters
-    ----------
-    labels, distances, scores, partitions, offsets : array-like of shape (n,)
-        Per-row values.
-    model_version : int
-        The model version, shared by the whole batch.
-    topics : str or sequence of str
-        The source topic of each row, or one topic for all.
-
-    Returns
-    -------
-    list of bytes
-        One JSON payload per row.
-    """
-    labels_l = np.asarray(labels).tolist()
-    n = len(labels_l)
-    d_arr = np.asarray(distances, dtype=np.float64)
-    s_arr = np.asarray(scores, dtype=np.float64)
-    if isinstance(topics, str):
-        topics = [topics] * n
-    parts_l = np.asarray(partitions).tolist()
-    offs_l = np.asarray(offsets).tolist()
-    if not (len(d_arr) == len(s_arr) == len(topics) == len(parts_l) == len(offs_l) == n):
-        raise ValueError("all per-row arguments must have the same length")
-    # Topics repeat heavily; escape each distinct one once.
-    quoted: dict[str, bytes] = {}
-    topic_l = []
-    for t in topics:
-        q = quoted.get(t)
-        if q is None:
-            q = quoted[t] = json.dumps(str(t)).encode()
-        topic_l.append(q)
-    version = int(model_version)
-    if np.isfinite(d_arr).all() and np.isfinite(s_arr).all():
-        template = (
-            b'{"cluster":%d,"distance":%.9g,"score":%.9g,"model_version":'
-            + str(version).encode()
-            + b',"topic":%s,"partition":%d,"offset":%d}'
-        )
-        return [
-            template % row
-            for row in zip(
-                labels_l, d_arr.tolist(), s_arr.tolist(), topic_l, parts_l, offs_l, strict=True
-            )
-        ]
-    d_l = [_float_json(x) for x in d_arr.tolist()]
-    s_l = [_float_json(x) for x in s_arr.tolist()]
-    return [
-        f'{{"cluster":{c},"distance":{d},"score":{s},"model_version":{version},'
-        f'"topic":{t.decode()},"partition":{p},"offset":{o}}}'.encode()
-        for c, d, s, t, p, o in zip(labels_l, d_l, s_l, topic_l, parts_l, offs_l, strict=True)
-    ]
-
-
 def encode_vectors(X: Any, fmt: str, json_field: str | None = None) -> list[bytes]:
     """Encode the rows of ``X`` as message values in ``fmt``.
 
@@ -522,105 +423,3 @@ def encode_vectors(X: Any, fmt: str, json_field: str | None = None) -> list[byte
     buf = np.ascontiguousarray(arr, dtype=raw).tobytes()
     step = dim * raw.itemsize
     return [buf[i * step : (i + 1) * step] for i in range(n)]
-
-
-# -- dead letters --------------------------------------------------------------------------------
-
-HEADER_PREFIX = "streamkm."
-HEADER_TOPIC = "streamkm.source.topic"
-HEADER_PARTITION = "streamkm.source.partition"
-HEADER_OFFSET = "streamkm.source.offset"
-HEADER_REASON = "streamkm.error.reason"
-HEADER_MESSAGE = "streamkm.error.message"
-HEADER_TRUNCATED = "streamkm.error.truncated"
-HEADER_HEADERS_DROPPED = "streamkm.error.headers_dropped"
-
-# Room for what a record adds to its key, value and headers in a record batch (batch header,
-# varints, attributes), with plenty to spare.
-RECORD_OVERHEAD = 512
-_PER_HEADER_OVERHEAD = 16
-
-
-def _header_size(headers: Sequence[tuple[str | bytes, bytes | None]]) -> int:
-    size = 0
-    for name, value in headers:
-        raw = name.encode(errors="surrogateescape") if isinstance(name, str) else bytes(name)
-        size += len(raw) + len(value or b"") + _PER_HEADER_OVERHEAD
-    return size
-
-
-def dead_letter_record(
-    value: bytes | None,
-    key: bytes | None,
-    headers: Sequence[tuple[str | bytes, bytes | None]] | None,
-    source: tuple[str, int, int],
-    reason: str,
-    message: str,
-    max_record_bytes: int,
-    headers_unreadable: bool = False,
-) -> tuple[bytes | None, list[tuple[str | bytes, bytes | None]]]:
-    """The value and headers of the dead letter of one input, sized to fit one record.
-
-    Parameters
-    ----------
-    value, key : bytes or None
-        The input's value and key.
-    headers : sequence of (name, value), optional
-        The input's headers. Those in the ``streamkm.`` namespace are dropped: the dead
-        letter's own headers replace them, so a forged reason never reaches a reader.
-    source : (topic, partition, offset)
-        Where the input was read.
-    reason, message : str
-        The :class:`~streamkm.errors.DecodeError`'s reason and message.
-    max_record_bytes : int
-        The largest record the producer and the dead-letter topic take. When the input would
-        not fit, its headers are dropped first (``streamkm.error.headers_dropped``), then its
-        value is cut to what fits and ``streamkm.error.truncated`` holds the original length.
-    headers_unreadable : bool, default False
-        The input's headers could not be read (e.g. a header name that is not UTF-8); they are
-        dropped and ``streamkm.error.headers_dropped`` says so.
-
-    Returns
-    -------
-    value : bytes or None
-        The input's value, or its first bytes.
-    headers : list of (name, value)
-        The input's own headers (outside ``streamkm.``), then the dead letter's.
-
-    Examples
-    --------
-    >>> value, headers = dead_letter_record(
-    ...     b"x" * 2000, None, [("streamkm.error.reason", b"forged"), ("trace", b"1")],
-    ...     ("vectors", 0, 7), "oversized", "too long", max_record_bytes=1024)
-    >>> len(value), [name for name, _ in headers][:2], dict(headers)["streamkm.error.truncated"]
-    (127, ['trace', 'streamkm.source.topic'], b'2000')
-    """
-    topic, partition, offset = source
-    own: list[tuple[str | bytes, bytes | None]] = [
-        (HEADER_TOPIC, topic.encode(errors="surrogateescape")),
-        (HEADER_PARTITION, str(int(partition)).encode()),
-        (HEADER_OFFSET, str(int(offset)).encode()),
-        (HEADER_REASON, reason.encode()),
-        (HEADER_MESSAGE, message.encode(errors="replace")),
-    ]
-    kept = [(name, v) for name, v in (headers or []) if not _in_namespace(name)]
-    dropped: str | None = "unreadable (not UTF-8)" if headers_unreadable else None
-    budget = max_record_bytes - RECORD_OVERHEAD - len(key or b"")
-    # Room for the two optional headers, whether or not they are needed.
-    reserve = _header_size([(HEADER_TRUNCATED, b"9" * 20), (HEADER_HEADERS_DROPPED, b"x" * 40)])
-    if kept and _header_size(kept) + _header_size(own) + reserve > budget:
-        dropped = f"{len(kept)} header(s) too large for the dead-letter topic"
-        kept = []
-    if dropped is not None:
-        own.append((HEADER_HEADERS_DROPPED, dropped.encode()))
-    room = max(0, budget - _header_size(kept) - _header_size(own) - reserve)
-    if value is not None and len(value) > room:
-        own.append((HEADER_TRUNCATED, str(len(value)).encode()))
-        value = value[:room]
-    return value, [*kept, *own]
-
-
-def _in_namespace(name: str | bytes) -> bool:
-    if isinstance(name, bytes):
-        return name.lower().startswith(HEADER_PREFIX.encode())
-    return name.lower().startswith(HEADER_PREFIX)

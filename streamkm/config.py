@@ -143,6 +143,8 @@ class CheckpointSettings(_Section):
 
     dir: Path = Path("checkpoints")
     interval_s: float = Field(default=30.0, gt=0)
+    # Also checkpoint after this many batches (unset: on the interval only).
+    every_batches: int | None = Field(default=None, ge=1)
     keep: int = Field(default=3, ge=1)
 
 

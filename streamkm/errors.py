@@ -38,8 +38,11 @@ class CheckpointError(StreamkmError):
     """A checkpoint could not be written, or none that fits could be read."""
 
 
-class KafkaError(StreamkmError):
-    """A Kafka operation failed; ``code`` keeps librdkafka's error code when there is one."""
+class KafkaClientError(StreamkmError):
+    """A Kafka operation failed; ``code`` keeps librdkafka's error code when there is one.
+
+    (Named apart from confluent-kafka's ``KafkaError``, which is an error *code* object.)
+    """
 
     def __init__(self, message: str, code: int | None = None, fatal: bool = False) -> None:
         super().__init__(message)
@@ -47,7 +50,11 @@ class KafkaError(StreamkmError):
         self.fatal = fatal
 
 
-class FencedError(KafkaError):
+# The name before 0.2, kept so code written against 0.1 still imports.
+KafkaError = KafkaClientError
+
+
+class FencedError(KafkaClientError):
     """Another instance with the same transactional id took over; this one must stop."""
 
 

@@ -12,7 +12,7 @@ from confluent_kafka import KafkaError as _CKafkaError
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from streamkm.config import Settings
-from streamkm.errors import FencedError, KafkaError
+from streamkm.errors import FencedError, KafkaClientError
 
 log = logging.getLogger(__name__)
 
@@ -67,17 +67,17 @@ _FENCED_CODES = {
 }
 
 
-def to_error(exc: KafkaException | _CKafkaError, doing: str) -> KafkaError:
+def to_error(exc: KafkaException | _CKafkaError, doing: str) -> KafkaClientError:
     """Map a confluent-kafka error to streamkm's, keeping the code (and fencing apart)."""
     err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else exc
     if not isinstance(err, _CKafkaError):
-        return KafkaError(f"{doing}: {exc}")
+        return KafkaClientError(f"{doing}: {exc}")
     message = f"{doing}: {err.str()} ({err.name()})"
     if err.code() in _FENCED_CODES:
         return FencedError(
             message + "; another instance uses the same transactional id", err.code(), True
         )
-    return KafkaError(message, err.code(), err.fatal())
+    return KafkaClientError(message, err.code(), err.fatal())
 
 
 class RateLimitedLog:

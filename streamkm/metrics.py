@@ -175,6 +175,11 @@ class Metrics:
             "keeps its own model (no shared-model mode yet).",
             registry=r,
         )
+        self.ready = Gauge(
+            "streamkm_ready",
+            "1 when the daemon is ready to label (partitions assigned, model initialised), else 0.",
+            registry=r,
+        )
         self.info = Gauge("streamkm_info", "Build information.", ["version"], registry=r)
         self.info.labels(version=__version__).set(1)
 

@@ -22,21 +22,13 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, SupportsFloat, SupportsInt
 
 import numpy as np
 from numba import njit
 
-from streamkm.codec import (
-    HEADER_MESSAGE,
-    HEADER_OFFSET,
-    HEADER_PARTITION,
-    HEADER_REASON,
-    HEADER_TOPIC,
-    dead_letter_record,
-)
 from streamkm.errors import DecodeError
 
 # -- assignments -------------------------------------------------------------------------------
@@ -354,6 +346,108 @@ def _write_assignments(  # pragma: no cover - compiled
 # -- dead letters ------------------------------------------------------------------------------
 
 
+# -- dead letters --------------------------------------------------------------------------------
+
+HEADER_PREFIX = "streamkm."
+HEADER_TOPIC = "streamkm.source.topic"
+HEADER_PARTITION = "streamkm.source.partition"
+HEADER_OFFSET = "streamkm.source.offset"
+HEADER_REASON = "streamkm.error.reason"
+HEADER_MESSAGE = "streamkm.error.message"
+HEADER_TRUNCATED = "streamkm.error.truncated"
+HEADER_HEADERS_DROPPED = "streamkm.error.headers_dropped"
+
+# Room for what a record adds to its key, value and headers in a record batch (batch header,
+# varints, attributes), with plenty to spare.
+RECORD_OVERHEAD = 512
+_PER_HEADER_OVERHEAD = 16
+
+
+def _header_size(headers: Sequence[tuple[str | bytes, bytes | None]]) -> int:
+    size = 0
+    for name, value in headers:
+        raw = name.encode(errors="surrogateescape") if isinstance(name, str) else bytes(name)
+        size += len(raw) + len(value or b"") + _PER_HEADER_OVERHEAD
+    return size
+
+
+def dead_letter_record(
+    value: bytes | None,
+    key: bytes | None,
+    headers: Sequence[tuple[str | bytes, bytes | None]] | None,
+    source: tuple[str, int, int],
+    reason: str,
+    message: str,
+    max_record_bytes: int,
+    headers_unreadable: bool = False,
+) -> tuple[bytes | None, list[tuple[str | bytes, bytes | None]]]:
+    """The value and headers of the dead letter of one input, sized to fit one record.
+
+    Parameters
+    ----------
+    value, key : bytes or None
+        The input's value and key.
+    headers : sequence of (name, value), optional
+        The input's headers. Those in the ``streamkm.`` namespace are dropped: the dead
+        letter's own headers replace them, so a forged reason never reaches a reader.
+    source : (topic, partition, offset)
+        Where the input was read.
+    reason, message : str
+        The :class:`~streamkm.errors.DecodeError`'s reason and message.
+    max_record_bytes : int
+        The largest record the producer and the dead-letter topic take. When the input would
+        not fit, its headers are dropped first (``streamkm.error.headers_dropped``), then its
+        value is cut to what fits and ``streamkm.error.truncated`` holds the original length.
+    headers_unreadable : bool, default False
+        The input's headers could not be read (e.g. a header name that is not UTF-8); they are
+        dropped and ``streamkm.error.headers_dropped`` says so.
+
+    Returns
+    -------
+    value : bytes or None
+        The input's value, or its first bytes.
+    headers : list of (name, value)
+        The input's own headers (outside ``streamkm.``), then the dead letter's.
+
+    Examples
+    --------
+    >>> value, headers = dead_letter_record(
+    ...     b"x" * 2000, None, [("streamkm.error.reason", b"forged"), ("trace", b"1")],
+    ...     ("vectors", 0, 7), "oversized", "too long", max_record_bytes=1024)
+    >>> len(value), [name for name, _ in headers][:2], dict(headers)["streamkm.error.truncated"]
+    (127, ['trace', 'streamkm.source.topic'], b'2000')
+    """
+    topic, partition, offset = source
+    own: list[tuple[str | bytes, bytes | None]] = [
+        (HEADER_TOPIC, topic.encode(errors="surrogateescape")),
+        (HEADER_PARTITION, str(int(partition)).encode()),
+        (HEADER_OFFSET, str(int(offset)).encode()),
+        (HEADER_REASON, reason.encode()),
+        (HEADER_MESSAGE, message.encode(errors="replace")),
+    ]
+    kept = [(name, v) for name, v in (headers or []) if not _in_namespace(name)]
+    dropped: str | None = "unreadable (not UTF-8)" if headers_unreadable else None
+    budget = max_record_bytes - RECORD_OVERHEAD - len(key or b"")
+    # Room for the two optional headers, whether or not they are needed.
+    reserve = _header_size([(HEADER_TRUNCATED, b"9" * 20), (HEADER_HEADERS_DROPPED, b"x" * 40)])
+    if kept and _header_size(kept) + _header_size(own) + reserve > budget:
+        dropped = f"{len(kept)} header(s) too large for the dead-letter topic"
+        kept = []
+    if dropped is not None:
+        own.append((HEADER_HEADERS_DROPPED, dropped.encode()))
+    room = max(0, budget - _header_size(kept) - _header_size(own) - reserve)
+    if value is not None and len(value) > room:
+        own.append((HEADER_TRUNCATED, str(len(value)).encode()))
+        value = value[:room]
+    return value, [*kept, *own]
+
+
+def _in_namespace(name: str | bytes) -> bool:
+    if isinstance(name, bytes):
+        return name.lower().startswith(HEADER_PREFIX.encode())
+    return name.lower().startswith(HEADER_PREFIX)
+
+
 @dataclass
 class DeadLetter:
     """A consumed message that will not reach the model.
@@ -421,11 +515,14 @@ def model_record(version: int, state: Mapping[str, Any], created_at: float | Non
 
 
 __all__ = [
+    "HEADER_HEADERS_DROPPED",
     "HEADER_MESSAGE",
     "HEADER_OFFSET",
     "HEADER_PARTITION",
     "HEADER_REASON",
     "HEADER_TOPIC",
+    "HEADER_TRUNCATED",
+    "RECORD_OVERHEAD",
     "DeadLetter",
     "dead_letter_record",
     "encode_assignment",

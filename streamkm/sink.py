@@ -10,7 +10,7 @@
 * :class:`Transactions` — begin / send offsets / commit / abort with the retry rules written
   once: retriable errors are retried, abortable ones abort and raise
   :class:`TransactionAborted` (the caller redoes the batch), fencing and fatal errors raise
-  :class:`~streamkm.errors.FencedError` / :class:`~streamkm.errors.KafkaError`.
+  :class:`~streamkm.errors.FencedError` / :class:`~streamkm.errors.KafkaClientError`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 from confluent_kafka import KafkaError as _CKafkaError
 from confluent_kafka import KafkaException, TopicPartition
 
-from streamkm.errors import KafkaError, StreamkmError
+from streamkm.errors import KafkaClientError, StreamkmError
 from streamkm.kafka import RateLimitedLog, to_error
 from streamkm.records import DeadLetter, encode_assignments, model_record
 
@@ -89,7 +89,7 @@ class DeliveryReports:
     def check(self) -> None:
         """Raise if any record could not be delivered."""
         if self.failures:
-            raise KafkaError(
+            raise KafkaClientError(
                 f"{len(self.failures)} record(s) could not be delivered (first: "
                 f"{self.failures[0]}); stopping without a checkpoint so they are redone on restart",
                 fatal=True,

@@ -26,8 +26,8 @@ from confluent_kafka import Message
 
 from streamkm.checkpoint import CheckpointStore
 from streamkm.checkpoint import read as read_checkpoint
-from streamkm.codec import HEADER_HEADERS_DROPPED, HEADER_REASON, HEADER_TRUNCATED
 from streamkm.metrics import MAX_CONNECTIONS
+from streamkm.records import HEADER_HEADERS_DROPPED, HEADER_REASON, HEADER_TRUNCATED
 from tests.daemon import Daemon
 from tests.kafka_util import create_topic, drain, produce_values, produce_with_raw_header_names
 

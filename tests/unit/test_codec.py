@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -11,14 +9,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from streamkm.codec import (
-    HEADER_HEADERS_DROPPED,
-    HEADER_REASON,
-    HEADER_TRUNCATED,
     REASONS,
     VectorDecoder,
-    dead_letter_record,
-    encode_assignment,
-    encode_assignments,
     encode_vectors,
 )
 from streamkm.errors import DecodeError
@@ -201,66 +193,7 @@ def test_json_oversized_is_not_parsed() -> None:
     assert reasons(errors) == [(0, "oversized")]
 
 
-# -- encoding ---------------------------------------------------------------------------------
-
-
-def test_encode_assignment_is_compact_json_with_exact_keys() -> None:
-    payload = encode_assignment(np.int64(3), np.float32(0.25), 1.5, 9, 'in"put', 2, 1234)
-    assert b" " not in payload
-    obj = json.loads(payload)
-    assert obj == {
-        "cluster": 3,
-        "distance": 0.25,
-        "score": 1.5,
-        "model_version": 9,
-        "topic": 'in"put',
-        "partition": 2,
-        "offset": 1234,
-    }
-    assert list(obj) == [
-        "cluster",
-        "distance",
-        "score",
-        "model_version",
-        "topic",
-        "partition",
-        "offset",
-    ]
-
-
-def test_encode_assignments_matches_single_encoder() -> None:
-    rng = np.random.default_rng(0)
-    n = 50
-    labels = rng.integers(0, 8, n)
-    distances = rng.random(n).astype(np.float32)
-    scores = rng.random(n)
-    topics = ["a", "b"] * (n // 2)
-    partitions = rng.integers(0, 4, n).astype(np.int32)
-    offsets = np.arange(n, dtype=np.int64) + 10**12
-    bulk = encode_assignments(labels, distances, scores, 5, topics, partitions, offsets)
-    single = [
-        encode_assignment(
-            labels[i], distances[i], scores[i], 5, topics[i], partitions[i], offsets[i]
-        )
-        for i in range(n)
-    ]
-    assert bulk == single
-    # 9 significant digits: every float32 distance comes back exactly.
-    assert all(
-        np.float32(json.loads(b)["distance"]) == d for b, d in zip(bulk, distances, strict=True)
-    )
-
-
-def test_encode_assignments_non_finite_becomes_null() -> None:
-    out = encode_assignments([0, 1], [np.inf, 1.0], [np.nan, 2.0], 1, "t", [0, 0], [0, 1])
-    assert json.loads(out[0])["distance"] is None
-    assert json.loads(out[0])["score"] is None
-    assert json.loads(out[1])["score"] == 2.0
-
-
-def test_encode_assignments_length_mismatch() -> None:
-    with pytest.raises(ValueError):
-        encode_assignments([0, 1], [0.0], [0.0, 0.0], 1, "t", [0, 0], [0, 1])
+# -- encoding vectors ------------------------------------------------------------------------
 
 
 def test_encode_vectors_json_field() -> None:
@@ -363,47 +296,6 @@ def test_the_vector_of_the_issue_is_out_of_range_and_its_neighbours_are_kept() -
     dec = VectorDecoder("float32", dtype=np.float32)
     _, ok, errors = dec.decode_many([np.full(8, 1e38, "<f4").tobytes(), values[0]])
     assert dec.dim == 4 and ok.tolist() == [1] and reasons(errors) == [(0, "wrong_dim")]
-
-
-# -- dead letters -----------------------------------------------------------------------------
-
-
-def test_dead_letter_headers_replace_input_headers_in_the_streamkm_namespace() -> None:
-    value, headers = dead_letter_record(
-        b"x", b"k", [("streamkm.error.reason", b"forged"), ("STREAMKM.source.offset", b"0"),
-                     ("trace-id", b"t1")],
-        ("in", 2, 9), "undecodable", "bad", max_record_bytes=1_000_000,
-    )  # fmt: skip
-    names = [n for n, _ in headers]
-    assert value == b"x"
-    assert names.count(HEADER_REASON) == 1 and dict(headers)[HEADER_REASON] == b"undecodable"
-    assert "STREAMKM.source.offset" not in names and ("trace-id", b"t1") in headers
-    assert dict(headers)["streamkm.source.offset"] == b"9"
-    assert HEADER_TRUNCATED not in names and HEADER_HEADERS_DROPPED not in names
-
-
-@given(
-    st.integers(0, 3_000_000),
-    st.integers(2_000, 2_000_000),
-    st.lists(st.tuples(st.text(max_size=30), st.binary(max_size=3000)), max_size=5),
-)
-def test_a_dead_letter_always_fits_its_limit(size: int, limit: int, extra: list) -> None:
-    value, headers = dead_letter_record(
-        b"v" * size, b"key", extra, ("in", 0, 1), "oversized", "too long", limit
-    )
-    total = 512 + len(b"key") + len(value or b"")
-    total += sum(len(n.encode(errors="surrogateescape")) + len(v or b"") + 16 for n, v in headers)
-    assert total <= limit
-    if len(value or b"") < size:
-        assert dict(headers)[HEADER_TRUNCATED] == str(size).encode()
-        assert value == b"v" * len(value or b"")
-
-
-def test_unreadable_input_headers_are_dropped_and_said_so() -> None:
-    _, headers = dead_letter_record(
-        b"x", None, None, ("in", 0, 1), "undecodable", "bad", 1_000_000, headers_unreadable=True
-    )
-    assert b"UTF-8" in dict(headers)[HEADER_HEADERS_DROPPED]
 
 
 @given(st.lists(st.binary(max_size=40).map(lambda b: b"[" + b + b"]"), max_size=10))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from confluent_kafka import KafkaError
 
-from streamkm.errors import KafkaError as StreamkmKafkaError
+from streamkm.errors import KafkaClientError as StreamkmKafkaError
 from streamkm.health import Health
 
 pytestmark = pytest.mark.unit

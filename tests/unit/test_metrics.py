@@ -63,6 +63,7 @@ EXPECTED_FAMILIES = {
     "streamkm_checkpoint_interval_seconds": "gauge",
     "streamkm_produce_errors": "counter",
     "streamkm_group_members": "gauge",
+    "streamkm_ready": "gauge",
     "streamkm_info": "gauge",
 }
 

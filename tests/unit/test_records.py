@@ -6,11 +6,16 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from streamkm.errors import DecodeError
 from streamkm.records import (
+    HEADER_HEADERS_DROPPED,
     HEADER_REASON,
+    HEADER_TRUNCATED,
     DeadLetter,
+    dead_letter_record,
     encode_assignment,
     encode_assignments,
     model_record,
@@ -61,18 +66,6 @@ def test_batch_encoder_is_byte_identical_to_the_reference_on_many_values() -> No
     assert mismatched == [], [(values[i], got[i], want[i]) for i in mismatched[:3]]
 
 
-def test_batch_encoder_matches_the_previous_template_encoder() -> None:
-    from streamkm.codec import encode_assignments as template_encoder
-
-    rng = np.random.default_rng(1)
-    n = 1024
-    args = (
-        rng.integers(0, 8, n), rng.random(n) * 3, rng.random(n), 12, "vectors",
-        np.zeros(n, np.int32), np.arange(10**6, 10**6 + n),
-    )  # fmt: skip
-    assert encode_assignments(*args) == template_encoder(*args)
-
-
 def test_records_parse_as_json_with_null_for_non_finite_values() -> None:
     out = encode_assignments(
         np.array([1, 2]), np.array([np.nan, 2.5]), np.array([0.25, np.inf]), 3, "v",
@@ -109,3 +102,121 @@ def test_dead_letter_record_names_its_source_and_drops_forged_headers() -> None:
 def test_model_record_holds_the_version_and_the_state() -> None:
     body = json.loads(model_record(5, {"dim": 2, "centroids": [[0.0, 1.0]]}, created_at=12.5))
     assert body == {"model_version": 5, "dim": 2, "centroids": [[0.0, 1.0]], "created_at": 12.5}
+
+
+# -- encoding ---------------------------------------------------------------------------------
+
+
+def test_encode_assignment_is_compact_json_with_exact_keys() -> None:
+    payload = encode_assignment(np.int64(3), np.float32(0.25), 1.5, 9, 'in"put', 2, 1234)
+    assert b" " not in payload
+    obj = json.loads(payload)
+    assert obj == {
+        "cluster": 3,
+        "distance": 0.25,
+        "score": 1.5,
+        "model_version": 9,
+        "topic": 'in"put',
+        "partition": 2,
+        "offset": 1234,
+    }
+    assert list(obj) == [
+        "cluster",
+        "distance",
+        "score",
+        "model_version",
+        "topic",
+        "partition",
+        "offset",
+    ]
+
+
+def test_encode_assignments_matches_single_encoder() -> None:
+    rng = np.random.default_rng(0)
+    n = 50
+    labels = rng.integers(0, 8, n)
+    distances = rng.random(n).astype(np.float32)
+    scores = rng.random(n)
+    partitions = rng.integers(0, 4, n).astype(np.int32)
+    offsets = np.arange(n, dtype=np.int64) + 10**12
+    bulk = encode_assignments(labels, distances, scores, 5, 'in"put', partitions, offsets)
+    single = [
+        encode_assignment(
+            labels[i], distances[i], scores[i], 5, 'in"put', partitions[i], offsets[i]
+        )
+        for i in range(n)
+    ]
+    assert bulk == single
+    # 9 significant digits: every float32 distance comes back exactly.
+    assert all(
+        np.float32(json.loads(b)["distance"]) == d for b, d in zip(bulk, distances, strict=True)
+    )
+
+
+def test_encode_assignments_non_finite_becomes_null() -> None:
+    out = encode_assignments(
+        np.array([0, 1]),
+        np.array([np.inf, 1.0]),
+        np.array([np.nan, 2.0]),
+        1,
+        "t",
+        np.array([0, 0]),
+        np.array([0, 1]),
+    )
+    assert json.loads(out[0])["distance"] is None
+    assert json.loads(out[0])["score"] is None
+    assert json.loads(out[1])["score"] == 2.0
+
+
+def test_encode_assignments_length_mismatch() -> None:
+    with pytest.raises(ValueError):
+        encode_assignments(
+            np.array([0, 1]),
+            np.array([0.0]),
+            np.array([0.0, 0.0]),
+            1,
+            "t",
+            np.array([0, 0]),
+            np.array([0, 1]),
+        )
+
+
+# -- dead letters -----------------------------------------------------------------------------
+
+
+def test_dead_letter_headers_replace_input_headers_in_the_streamkm_namespace() -> None:
+    value, headers = dead_letter_record(
+        b"x", b"k", [("streamkm.error.reason", b"forged"), ("STREAMKM.source.offset", b"0"),
+                     ("trace-id", b"t1")],
+        ("in", 2, 9), "undecodable", "bad", max_record_bytes=1_000_000,
+    )  # fmt: skip
+    names = [n for n, _ in headers]
+    assert value == b"x"
+    assert names.count(HEADER_REASON) == 1 and dict(headers)[HEADER_REASON] == b"undecodable"
+    assert "STREAMKM.source.offset" not in names and ("trace-id", b"t1") in headers
+    assert dict(headers)["streamkm.source.offset"] == b"9"
+    assert HEADER_TRUNCATED not in names and HEADER_HEADERS_DROPPED not in names
+
+
+@given(
+    st.integers(0, 3_000_000),
+    st.integers(2_000, 2_000_000),
+    st.lists(st.tuples(st.text(max_size=30), st.binary(max_size=3000)), max_size=5),
+)
+def test_a_dead_letter_always_fits_its_limit(size: int, limit: int, extra: list) -> None:
+    value, headers = dead_letter_record(
+        b"v" * size, b"key", extra, ("in", 0, 1), "oversized", "too long", limit
+    )
+    total = 512 + len(b"key") + len(value or b"")
+    total += sum(len(n.encode(errors="surrogateescape")) + len(v or b"") + 16 for n, v in headers)
+    assert total <= limit
+    if len(value or b"") < size:
+        assert dict(headers)[HEADER_TRUNCATED] == str(size).encode()
+        assert value == b"v" * len(value or b"")
+
+
+def test_unreadable_input_headers_are_dropped_and_said_so() -> None:
+    _, headers = dead_letter_record(
+        b"x", None, None, ("in", 0, 1), "undecodable", "bad", 1_000_000, headers_unreadable=True
+    )
+    assert b"UTF-8" in dict(headers)[HEADER_HEADERS_DROPPED]

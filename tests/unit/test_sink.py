@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
-from streamkm.codec import HEADER_REASON
 from streamkm.errors import DecodeError, FencedError
-from streamkm.errors import KafkaError as StreamkmKafkaError
-from streamkm.records import DeadLetter
+from streamkm.errors import KafkaClientError as StreamkmKafkaError
+from streamkm.records import HEADER_REASON, DeadLetter
 from streamkm.sink import DeliveryReports, Sink, TransactionAborted, Transactions
 
 pytestmark = pytest.mark.unit

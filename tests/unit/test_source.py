@@ -10,7 +10,7 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
 from streamkm.codec import VectorDecoder
-from streamkm.errors import KafkaError as StreamkmKafkaError
+from streamkm.errors import KafkaClientError as StreamkmKafkaError
 from streamkm.errors import StreamkmError
 from streamkm.source import Source
 

@@ -1,0 +1,322 @@
+"""The conductor (streamkm.app.App) driven through its parts, without a broker.
+
+The clients come from a factory that wraps stand-ins for confluent-kafka's consumer and producer
+in the real Source, Sink and Transactions, so what is tested is the loop's own logic: the
+order of batch, publish, commit and checkpoint, the redo after an abort, replays, rebalances.
+Abortable errors are hard to provoke on a healthy broker, hence a producer that fails on cue.
+(Everything that needs Kafka itself runs in tests/integration.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
+from prometheus_client import CollectorRegistry
+
+from streamkm.app import App
+from streamkm.clients import Clients
+from streamkm.codec import REASONS
+from streamkm.config import Settings
+from streamkm.errors import FencedError
+from streamkm.sink import DeliveryReports, Sink, Transactions
+from streamkm.source import Source
+
+pytestmark = pytest.mark.unit
+
+DIM = 3
+
+
+class FakeProducer:
+    """Records calls; ``fail`` holds errors to raise from commit_transaction, in order."""
+
+    def __init__(self, fail: list[KafkaError] | None = None) -> None:
+        self.fail = fail or []
+        self.calls: list[str] = []
+        self.produced: list[tuple[str, bytes]] = []
+        self.pending: list[tuple[str, bytes]] = []
+        self.transactional = False
+
+    def init_transactions(self, timeout: float) -> None:
+        self.transactional = True
+
+    def begin_transaction(self) -> None:
+        self.calls.append("begin")
+        self.pending = []
+
+    def produce(self, topic: str, value: bytes, key: Any = None, headers: Any = None) -> None:
+        (self.pending if self.transactional else self.produced).append((topic, value))
+
+    def poll(self, timeout: float = 0) -> int:
+        return 0
+
+    def flush(self, timeout: float = 0) -> int:
+        self.calls.append("flush")
+        return 0
+
+    def send_offsets_to_transaction(self, offsets: Any, metadata: Any, timeout: float) -> None:
+        self.calls.append("offsets " + ",".join(f"{tp.partition}:{tp.offset}" for tp in offsets))
+
+    def commit_transaction(self, timeout: float) -> None:
+        if self.fail:
+            raise KafkaException(self.fail.pop(0))
+        self.calls.append("commit")
+        self.produced += self.pending
+
+    def abort_transaction(self, timeout: float) -> None:
+        self.calls.append("abort")
+        self.pending = []
+
+    def values(self, topic: str = "out") -> list[bytes]:
+        return [v for t, v in self.produced if t == topic]
+
+
+class FakeConsumer:
+    """Hands out queued messages; the test plays the group coordinator through ``assign``."""
+
+    def __init__(self, committed: dict[int, int] | None = None) -> None:
+        self.queue: list[Any] = []
+        self.seeks: list[tuple[int, int]] = []
+        self.commits: list[list[tuple[int, int]]] = []
+        self.committed_offsets = committed or {}
+        self.callbacks: dict[str, Any] = {}
+        self.closed = False
+
+    def subscribe(self, topics: list[str], **callbacks: Any) -> None:
+        self.callbacks = callbacks
+
+    def assign(self, *partitions: int) -> list[TopicPartition]:
+        tps = [TopicPartition("in", p) for p in partitions]
+        self.callbacks["on_assign"](self, tps)
+        return tps
+
+    def revoke(self, *partitions: int) -> None:
+        self.callbacks["on_revoke"](self, [TopicPartition("in", p) for p in partitions])
+
+    def lose(self, *partitions: int) -> None:
+        self.callbacks["on_lost"](self, [TopicPartition("in", p) for p in partitions])
+
+    def incremental_assign(self, partitions: Any) -> None:
+        pass
+
+    def incremental_unassign(self, partitions: Any) -> None:
+        pass
+
+    def committed(self, partitions: list[TopicPartition], timeout: float) -> list[TopicPartition]:
+        return [
+            TopicPartition(tp.topic, tp.partition, self.committed_offsets.get(tp.partition, -1001))
+            for tp in partitions
+        ]
+
+    def consume(self, num_messages: int, timeout: float) -> list[Any]:
+        out, self.queue = self.queue[:num_messages], self.queue[num_messages:]
+        return out
+
+    def seek(self, tp: Any) -> None:
+        self.seeks.append((tp.partition, tp.offset))
+
+    def commit(self, offsets: list[TopicPartition], asynchronous: bool) -> None:
+        self.commits.append([(tp.partition, tp.offset) for tp in offsets])
+
+    def consumer_group_metadata(self) -> object:
+        return object()
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def make_app(
+    tmp_path: Path,
+    producer: FakeProducer,
+    consumer: FakeConsumer,
+    guarantee: str = "exactly-once",
+    own_registry: bool = True,
+) -> App:
+    settings = Settings.model_validate(
+        {
+            "kafka": {"input_topic": "in", "output_topic": "out", "dead_letter_topic": "dead"},
+            "input": {"format": "float32", "dim": DIM},
+            "model": {"n_clusters": 2, "batch_size": 4, "init_size": 4, "seed": 0},
+            "checkpoint": {"dir": str(tmp_path / "ckpt")},
+            "delivery": {"guarantee": guarantee},
+        }
+    )
+
+    @contextlib.contextmanager
+    def clients(settings, decoder, health, metrics, stopping) -> Iterator[Clients]:  # type: ignore[no-untyped-def]
+        exactly_once = guarantee == "exactly-once"
+        reports = DeliveryReports(exactly_once)
+        txn = Transactions(producer, reports, stopping) if exactly_once else None
+        if txn is not None:
+            txn.init()
+        sink = Sink(producer, reports, "out", dead_letter_topic="dead", transactions=txn)
+        source = Source(consumer, "in", decoder, read_committed_offsets=exactly_once)
+        with sink, source:
+            yield Clients(source, sink, txn)
+
+    registry = CollectorRegistry() if own_registry else None
+    app = App(settings, registry=registry, clients=clients)
+    app.start()
+    return app
+
+
+def messages(start: int, n: int, partition: int = 0) -> list[Message]:
+    rng = np.random.default_rng(start)
+    return [
+        Message(
+            topic="in",
+            partition=partition,
+            offset=start + i,
+            key=str(start + i).encode(),
+            value=rng.normal(size=DIM).astype("<f4").tobytes(),
+        )
+        for i in range(n)
+    ]
+
+
+def offsets_of(values: list[bytes]) -> list[int]:
+    return [int(v.split(b'"offset":')[1].rstrip(b"}")) for v in values]
+
+
+def test_abortable_commit_aborts_restores_the_model_and_rewinds(tmp_path: Path) -> None:
+    producer, consumer = FakeProducer(), FakeConsumer()
+    app = make_app(tmp_path, producer, consumer)
+    with app.connected():
+        consumer.assign(0)
+        consumer.queue = messages(0, 4)
+        app.turn()  # the first batch seeds the model
+        model_before = app.model.cluster_centers_.copy()
+        steps_before = app.model.n_steps_
+        producer.fail = [KafkaError(KafkaError._STATE, "abortable", txn_requires_abort=True)]
+
+        consumer.queue = messages(4, 4)
+        app.turn()  # its commit fails with an abortable error
+        assert producer.calls[-1] == "abort"
+        assert app.model.n_steps_ == steps_before  # the model is as before the batch
+        np.testing.assert_array_equal(app.model.cluster_centers_, model_before)
+        assert app.offsets.positions == {("in", 0): 4}  # nothing of the batch counts as done
+        assert consumer.seeks == [(0, 4)]  # the batch is read again from its first offset
+        assert offsets_of(producer.values()) == [0, 1, 2, 3]  # its records never committed
+
+        consumer.queue = messages(4, 4)  # the redo
+        app.turn()
+        assert producer.calls[-2:] == ["offsets 0:8", "commit"]
+        assert app.offsets.positions == {("in", 0): 8}
+        assert app.model.n_samples_seen_ == 8
+        assert offsets_of(producer.values()) == list(range(8))
+
+
+def test_retriable_commit_is_retried_and_fencing_is_fatal(tmp_path: Path) -> None:
+    retriable = KafkaError(KafkaError.REQUEST_TIMED_OUT, "slow", retriable=True)
+    producer, consumer = FakeProducer([retriable, retriable]), FakeConsumer()
+    app = make_app(tmp_path, producer, consumer)
+    with app.connected():
+        consumer.assign(0)
+        consumer.queue = messages(0, 4)
+        app.turn()
+        assert producer.calls.count("commit") == 1 and "abort" not in producer.calls
+
+        producer.fail = [KafkaError(KafkaError._FENCED, "fenced", fatal=True)]
+        consumer.queue = messages(4, 4)
+        with pytest.raises(FencedError, match="another instance"):
+            app.turn()
+
+
+def test_replayed_inputs_are_absorbed_but_not_published(tmp_path: Path) -> None:
+    producer = FakeProducer()
+    consumer = FakeConsumer(committed={0: 6})  # offsets 0..5 were published before a crash
+    app = make_app(tmp_path, producer, consumer)
+    app.offsets.origins[("in", 0)] = 0  # the lineage began at 0 (origins.json), no checkpoint
+    with app.connected():
+        consumer.assign(0)
+        assert app.offsets.replay_until == {("in", 0): 6}
+        consumer.queue = messages(0, 4)
+        app.turn()
+        # Nothing re-published, and the committed offset is not moved back below 6.
+        assert producer.values() == [] and producer.calls[-1] == "commit"
+        assert not any(c.startswith("offsets") for c in producer.calls)
+        consumer.queue = messages(4, 4)
+        app.turn()
+        assert producer.calls[-2] == "offsets 0:8"
+        assert offsets_of(producer.values()) == [6, 7]
+        assert app.model.n_samples_seen_ == 8 and ("in", 0) not in app.offsets.replay_until
+
+
+def test_dead_letters_are_published_in_order_with_their_batch(tmp_path: Path) -> None:
+    producer, consumer = FakeProducer(), FakeConsumer()
+    app = make_app(tmp_path, producer, consumer, guarantee="at-least-once")
+    with app.connected():
+        consumer.assign(0)
+        bad = Message(topic="in", partition=0, offset=4, key=b"bad", value=b"\x00")
+        consumer.queue = [*messages(0, 4), bad, *messages(5, 4)]
+        app.turn()  # the first four seed the model
+        assert producer.values("dead") == []
+        app.turn()  # the dead letter and three rows: it waits with them for the batch
+        assert producer.values("dead") == [] and len(app.batcher) == 3
+        app.turn()  # the fourth row: the batch and its dead letter go out
+        assert len(producer.values("dead")) == 1
+        assert offsets_of(producer.values()) == [0, 1, 2, 3, 5, 6, 7, 8]
+        assert app.offsets.positions == {("in", 0): 9}
+        sample = app.metrics.registry.get_sample_value
+        counted = {
+            r: sample("streamkm_messages_dead_lettered_total", {"reason": r}) for r in REASONS
+        }
+        assert sum(counted.values()) == 1, counted
+
+
+def test_checkpoint_flushes_then_writes_then_commits_the_group_offsets(tmp_path: Path) -> None:
+    producer, consumer = FakeProducer(), FakeConsumer()
+    app = make_app(tmp_path, producer, consumer, guarantee="at-least-once")
+    with app.connected():
+        consumer.assign(0)
+        consumer.queue = messages(0, 4)
+        app.turn()
+        assert consumer.commits == [] and app.checkpointer.dirty
+        app.checkpoint()
+        assert producer.calls[-1] == "flush"
+        assert consumer.commits == [[(0, 4)]]
+        assert app.offsets.checkpointed == {("in", 0): 4}
+        assert not app.checkpointer.dirty
+    restarted = make_app(tmp_path, FakeProducer(), FakeConsumer(), guarantee="at-least-once")
+    assert restarted.model is not None and restarted.model.n_samples_seen_ == 4
+    assert restarted.offsets.positions == {("in", 0): 4}
+
+
+def test_revoke_finishes_the_batch_and_lost_partitions_are_dropped(tmp_path: Path) -> None:
+    producer, consumer = FakeProducer(), FakeConsumer()
+    app = make_app(tmp_path, producer, consumer, guarantee="at-least-once")
+    with app.connected():
+        consumer.assign(0, 1)
+        consumer.queue = messages(0, 4)
+        app.turn()  # seeds
+        consumer.queue = [*messages(4, 1, partition=0), *messages(10, 2, partition=1)]
+        app.turn()  # three rows wait for the batch (or its timeout)
+        assert len(app.batcher) == 3
+        consumer.lose(1)  # partition 1's rows are another member's now
+        assert len(app.batcher) == 1 and ("in", 1) not in app.offsets.assigned
+        consumer.revoke(0)  # partition 0's row is processed and checkpointed before it goes
+        assert len(app.batcher) == 0
+        assert offsets_of(producer.values()) == [0, 1, 2, 3, 4]
+        assert consumer.commits[-1] == [(0, 5)]
+        assert app.offsets.assigned == set()
+
+
+def test_readiness_gauge_and_process_metrics(tmp_path: Path) -> None:
+    producer, consumer = FakeProducer(), FakeConsumer()
+    app = make_app(tmp_path, producer, consumer, guarantee="at-least-once", own_registry=False)
+    sample = app.metrics.registry.get_sample_value
+    assert sample("process_resident_memory_bytes") is not None  # no registry given: exported
+    with app.connected():
+        app.turn()
+        assert sample("streamkm_ready") == 0.0  # nothing assigned yet
+        consumer.assign(0)
+        app.turn()
+        assert sample("streamkm_ready") == 0.0  # assigned, no model yet
+        consumer.queue = messages(0, 4)
+        app.turn()
+        assert sample("streamkm_ready") == 1.0
