@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from streamkm import __version__
+from streamkm.codec import FORMATS
 from streamkm.errors import ConfigError, StreamkmError
 
 EXIT_OK = 0
@@ -97,9 +98,7 @@ def _parser() -> argparse.ArgumentParser:
         "source", nargs="?", default="-", help="FILE.npy, FILE.csv or - (stdin CSV)"
     )
     produce.add_argument("--topic", help="target topic (default: kafka.input_topic)")
-    produce.add_argument(
-        "--format", choices=["float32", "float64", "json"], help="default: input.format"
-    )
+    produce.add_argument("--format", choices=FORMATS, help="default: input.format")
     produce.add_argument("--bootstrap", help="bootstrap servers (default: kafka.bootstrap_servers)")
     produce.add_argument(
         "--synthetic-rate", type=float, metavar="N",

@@ -31,6 +31,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from streamkm.codec import Format
 from streamkm.errors import ConfigError
 
 ENV_PREFIX = "STREAMKM_"
@@ -95,7 +96,7 @@ class KafkaSettings(_Section):
 class InputSettings(_Section):
     """``[input]``: how input messages encode a vector."""
 
-    format: Literal["json", "float32", "float64"] = "json"
+    format: Format = "json"
     json_field: str | None = None
     dim: int | None = Field(default=None, ge=1)
     max_message_bytes: int = Field(default=1_048_576, ge=1)
@@ -132,7 +133,14 @@ class ModelSettings(_Section):
 
     @property
     def effective_init_size(self) -> int:
-        """How many vectors are held for seeding before the model exists."""
+        """How many vectors seed the model: ``init_size``, else max(batch_size, 3·n_clusters).
+
+        The daemon's one rule (the estimator's own default, for library use, is scikit-learn's
+        3·batch_size). Given centroids (a ``.npy`` init) need no seeding buffer: the first batch
+        is then a normal one, of at least n_clusters rows.
+        """
+        if self.init.endswith(".npy"):
+            return max(self.batch_size, self.n_clusters)
         if self.init_size is not None:
             return self.init_size
         return max(self.batch_size, 3 * self.n_clusters)

@@ -129,11 +129,7 @@ class KMeansLearner:
 
     @property
     def rows_to_start(self) -> int:
-        cfg = self.settings
-        if cfg.init.endswith(".npy"):
-            # Given centroids need no seeding buffer: the first batch is a normal one.
-            return max(cfg.batch_size, cfg.n_clusters)
-        return cfg.effective_init_size
+        return self.settings.effective_init_size
 
     @property
     def fitted(self) -> bool:
