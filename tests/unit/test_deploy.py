@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shlex
 import shutil
@@ -29,6 +30,9 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "streamkm.json"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
+ALERT_TESTS = DEPLOY / "prometheus" / "tests"
+RUNBOOK = ROOT / "docs" / "runbook.md"
+RUNBOOK_URL = "https://github.com/streamkm/streamkm/blob/main/docs/runbook.md"
 PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 COMPOSE = DEPLOY / "docker-compose.yml"
 DOCKERFILE = DEPLOY / "Dockerfile"
@@ -58,6 +62,7 @@ METRICS: dict[str, str] = {
     "streamkm_checkpoint_interval_seconds": "gauge",
     "streamkm_produce_errors_total": "counter",
     "streamkm_group_members": "gauge",
+    "streamkm_ready": "gauge",
     "streamkm_info": "gauge",
 }
 
@@ -110,7 +115,10 @@ ALERTS_REQUIRED = {
     "StreamkmCheckpointStale",
     "StreamkmDeadLetterRate",
     "StreamkmTargetDown",
+    "StreamkmNotReady",
     "StreamkmInertiaJump",
+    "StreamkmProduceErrors",
+    "StreamkmGroupShared",
 }
 
 
@@ -142,6 +150,17 @@ def _deploy_files(*suffixes: str) -> list[Path]:
 
 def _rel(path: Path) -> str:
     return str(path.relative_to(ROOT))
+
+
+def _promtool() -> str:
+    """promtool's path; a skip without it, except in CI (which installs it), where it fails."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        message = "promtool not on PATH (Debian package: prometheus; scripts/ensure-tools.sh)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return promtool
 
 
 # --------------------------------------------------------------------------- parsing
@@ -207,9 +226,7 @@ def test_expression_names_only_exported_metrics(where: str, expr: str) -> None:
 
 def test_expressions_are_valid_promql(tmp_path: Path) -> None:
     """promtool parses every expression (dashboard ones as recording rules)."""
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool not on PATH (Debian package: prometheus)")
+    promtool = _promtool()
     rules = [
         {"record": f"streamkm:check_{i}", "expr": expr} for i, (_, expr) in enumerate(_all_exprs())
     ]
@@ -289,19 +306,84 @@ def test_dashboard_variable_queries_name_exported_metrics() -> None:
 # --------------------------------------------------------------------------- Prometheus
 
 
+def _alert_rules() -> dict[str, dict[str, Any]]:
+    return {r["alert"]: r for g in _yaml(ALERTS)["groups"] for r in g["rules"] if "alert" in r}
+
+
 def test_alert_rules() -> None:
-    rules = {r["alert"]: r for g in _yaml(ALERTS)["groups"] for r in g["rules"] if "alert" in r}
+    rules = _alert_rules()
     assert rules.keys() >= ALERTS_REQUIRED
     for name, rule in rules.items():
         assert rule["labels"]["severity"] in {"critical", "warning", "info"}, name
         assert rule["annotations"].get("summary"), name
+        assert "likely" in rule["annotations"].get("description", "").lower(), (
+            f"{name}: the description names the likely cause"
+        )
         assert "for" in rule, f"{name} fires on a single evaluation"
-    assert rules["StreamkmTargetDown"]["expr"].strip() == f'up{{job="{JOB}"}} == 0'
-    assert "3 * streamkm_checkpoint_interval_seconds" in rules["StreamkmCheckpointStale"]["expr"]
+    down = rules["StreamkmTargetDown"]["expr"]
+    assert f'up{{job="{JOB}"}} == 0' in down
+    assert f'absent(up{{job="{JOB}"}})' in down, "a target that vanished from discovery must fire"
+    assert rules["StreamkmNotReady"]["expr"].strip() == "streamkm_ready == 0"
+    stale = rules["StreamkmCheckpointStale"]["expr"]
+    assert "3 * streamkm_checkpoint_interval_seconds" in stale
+    assert "rate(streamkm_messages_assigned_total" in stale, "an idle stream must not page"
     assert rules["StreamkmLagGrowing"]["for"] == "10m"
     assert "streamkm_consumer_lag" in rules["StreamkmLagGrowing"]["expr"]
     assert "streamkm_messages_dead_lettered_total" in rules["StreamkmDeadLetterRate"]["expr"]
     assert "streamkm_inertia" in queries.metric_names(rules["StreamkmInertiaJump"]["expr"])
+
+
+def _github_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives a Markdown file's headings."""
+    anchors = set()
+    for line in markdown.splitlines():
+        match = re.match(r"#{1,6}\s+(.*)", line)
+        if match:
+            text = re.sub(r"[^\w\- ]", "", match.group(1).strip().lower())
+            anchors.add(text.replace(" ", "-"))
+    return anchors
+
+
+def test_alerts_link_to_runbook_sections() -> None:
+    anchors = _github_anchors(RUNBOOK.read_text(encoding="utf-8"))
+    for name, rule in _alert_rules().items():
+        url = rule["annotations"].get("runbook_url", "")
+        page, _, anchor = url.partition("#")
+        assert page == RUNBOOK_URL, f"{name}: runbook_url {url!r} is not into docs/runbook.md"
+        assert anchor in anchors, f"{name}: docs/runbook.md has no section #{anchor}"
+    # The runbook's other sections.
+    assert {"lost-checkpoint-volume", "missing-input-topic", "dead-letters"} <= anchors
+
+
+def _alert_test_files() -> list[Path]:
+    return sorted(ALERT_TESTS.glob("*.yml"))
+
+
+def test_every_alert_has_positive_and_negative_rule_tests() -> None:
+    fires: set[str] = set()
+    quiet: set[str] = set()
+    for path in _alert_test_files():
+        doc = _yaml(path)
+        assert [str((path.parent / f).resolve()) for f in doc["rule_files"]] == [str(ALERTS)]
+        for case in doc["tests"]:
+            for check in case.get("alert_rule_test", []):
+                (fires if check.get("exp_alerts") else quiet).add(check["alertname"])
+    rules = _alert_rules().keys()
+    assert rules <= fires, f"no test where these fire: {sorted(rules - fires)}"
+    assert rules <= quiet, f"no test where these stay quiet: {sorted(rules - quiet)}"
+
+
+def test_promtool_rule_tests() -> None:
+    """promtool test rules: idle streams do not page, a vanished target does, and the rest."""
+    files = _alert_test_files()
+    assert files, f"no rule tests in {ALERT_TESTS}"
+    result = subprocess.run(
+        [_promtool(), "test", "rules", *map(str, files)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_prometheus_config() -> None:
@@ -320,9 +402,7 @@ def test_prometheus_config() -> None:
     ids=["rules", "config"],
 )
 def test_promtool(args: list[str]) -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool not on PATH (Debian package: prometheus)")
+    promtool = _promtool()
     result = subprocess.run([promtool, *args], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -714,17 +794,52 @@ def test_k8s_pod_hardening_and_resources() -> None:
     assert resources["limits"] == {"cpu": "2", "memory": "1Gi"}
 
 
+# The Prometheus Operator's custom resources: kubernetes-validate has no schema for them, so
+# test_k8s_prometheusrule and test_k8s_manifests_agree check their structure instead.
+OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}
+
+
 def test_k8s_schema() -> None:
     """Built-in kinds against the Kubernetes OpenAPI schema, when kubernetes-validate is
     installed (pip install kubernetes-validate; its schemas ship with it, no network)."""
     validate = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
     checked = 0
     for doc in _k8s().values():
-        if "." in doc["apiVersion"].split("/")[0]:  # a CRD such as monitoring.coreos.com
+        if doc["kind"] in OPERATOR_KINDS:
+            assert doc["apiVersion"] == "monitoring.coreos.com/v1", doc["kind"]
             continue
         validate.validate(doc, validate.latest_version(), strict=True)
         checked += 1
     assert checked >= 4
+
+
+def _to_prometheusrule() -> ModuleType:
+    path = DEPLOY / "prometheus" / "to_prometheusrule.py"
+    spec = importlib.util.spec_from_file_location("streamkm_to_prometheusrule", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_k8s_prometheusrule() -> None:
+    """The PrometheusRule carries exactly the rules of alerts.yml, as the generator writes it."""
+    rule = _one(_k8s(), "PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["metadata"]["name"] == JOB
+    monitor = _one(_k8s(), "ServiceMonitor")
+    assert rule["metadata"]["labels"] == monitor["metadata"]["labels"]
+    assert set(rule["spec"]) == {"groups"}
+    for group in rule["spec"]["groups"]:
+        assert set(group) <= {"name", "interval", "rules"} and group["rules"], group.get("name")
+        for r in group["rules"]:
+            assert set(r) <= {"alert", "record", "expr", "for", "labels", "annotations"}, r
+            assert isinstance(r["expr"], str) and r["expr"].strip()
+    assert rule["spec"]["groups"] == _yaml(ALERTS)["groups"]
+    generator = _to_prometheusrule()
+    assert (K8S / "prometheusrule.yaml").read_text(encoding="utf-8") == generator.render(
+        ALERTS.read_text(encoding="utf-8")
+    ), "deploy/k8s/prometheusrule.yaml is stale: python deploy/prometheus/to_prometheusrule.py"
 
 
 def test_kustomize_build() -> None:
@@ -738,4 +853,11 @@ def test_kustomize_build() -> None:
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     kinds = {doc["kind"] for doc in yaml.safe_load_all(result.stdout) if doc}
-    assert kinds == {"ConfigMap", "Secret", "Service", "StatefulSet", "ServiceMonitor"}
+    assert kinds == {
+        "ConfigMap",
+        "Secret",
+        "Service",
+        "StatefulSet",
+        "ServiceMonitor",
+        "PrometheusRule",
+    }
