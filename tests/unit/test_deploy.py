@@ -283,6 +283,36 @@ def test_dashboard_structure() -> None:
                 cells[(x, y)] = panel["title"]
 
 
+def _selectors(expr: str) -> list[tuple[str, str]]:
+    """(metric, label matchers) of every series selector in an expression."""
+    return re.findall(r"\b(streamkm_[a-z_]+|up)\b(?!\s*\()(\{[^}]*\})?", expr)
+
+
+def test_dashboard_job_and_datasource_variables() -> None:
+    """A job variable narrows every query; the instance list follows it; the data source is
+    a variable too, so the dashboard works against any Prometheus."""
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    job = variables["job"]
+    assert job["type"] == "query"
+    assert job["datasource"]["uid"] == "${DS_PROMETHEUS}"
+    assert job["definition"] == "label_values(streamkm_info, job)"
+    assert job["current"]["value"] == JOB
+    assert 'job=~"$job"' in variables["instance"]["definition"]
+    names = [v["name"] for v in dashboard["templating"]["list"]]
+    assert names.index("DS_PROMETHEUS") < names.index("job") < names.index("instance")
+
+    raw = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    for expr in raw:
+        selectors = _selectors(expr)
+        assert selectors, expr
+        for metric, matchers in selectors:
+            assert 'job=~"$job"' in matchers, f"{metric} without the job matcher in {expr!r}"
+    # After substitution the job matcher selects the scrape job of the deployments.
+    for expr in queries.dashboard_exprs(DASHBOARD):
+        assert f'job=~"{JOB}"' in expr, expr
+
+
 def test_dashboard_shows_what_users_need() -> None:
     shown = set().union(*(queries.metric_names(e) for e in queries.dashboard_exprs(DASHBOARD)))
     assert not DASHBOARD_MUST_SHOW - shown, (
