@@ -891,3 +891,19 @@ def test_kustomize_build() -> None:
         "ServiceMonitor",
         "PrometheusRule",
     }
+
+
+# --------------------------------------------------------------------------- licence
+
+
+def test_license_file_and_spdx_metadata() -> None:
+    """The LICENSE file is the Apache-2.0 text that pyproject's SPDX expression names, and the
+    image build copies it (the wheel's metadata lists it)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert project["license"] == "Apache-2.0"
+    assert project["license-files"] == ["LICENSE"]
+    text = (ROOT / "LICENSE").read_text(encoding="utf-8")
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text
+    copied = [a for k, a in _dockerfile_instructions() if k == "COPY" and "pyproject.toml" in a]
+    assert copied and "LICENSE" in shlex.split(copied[0]), "the wheel build needs LICENSE"
