@@ -207,11 +207,17 @@ class LocalBroker:
             if self.answers():
                 return self.bootstrap
             raise BrokerError(f"a broker process runs from {self.dir} but does not answer")
+        # A port another process holds would make this broker die at once while whatever
+        # listens there (often another broker) answers in its place: refuse up front.
+        for what, port in (("port", self.port), ("SASL port", self.sasl_port)):
+            if port is not None:
+                _check_port_free(port, what)
         java = _need("java", "openjdk-17-jre-headless")
         libs = ensure_kafka_jars()
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "logs").mkdir(exist_ok=True)
         state = self._load_or_create_state()
+        _check_port_free(int(str(state["controller_port"])), "controller port", self.dir)
         props = self.dir / "server.properties"
         props.write_text(self._properties(state["controller_port"]))
         log4j = self.dir / "log4j2.xml"
@@ -239,8 +245,16 @@ class LocalBroker:
                     f"Apache Kafka exited with status {proc.returncode}; last log lines:\n"
                     + self._log_tail()
                 )
-            if self.answers(timeout_s=2.0):
-                return self.bootstrap
+            cluster = cluster_id(self.bootstrap, timeout_s=2.0)
+            if cluster is not None:
+                if cluster == state["cluster_id"] and proc.poll() is None:
+                    return self.bootstrap
+                # Another cluster took the port between the check and the start.
+                self.stop()
+                raise BrokerError(
+                    f"port {self.port} is answered by another Kafka cluster ({cluster}), "
+                    f"not the one in {self.dir}; choose another --port or stop that broker"
+                )
             time.sleep(0.25)
         self.stop()
         raise BrokerError(
@@ -363,6 +377,24 @@ class LocalBroker:
         return "\n".join(text.strip().splitlines()[-lines:])
 
 
+def _check_port_free(port: int, what: str = "port", where: Path | None = None) -> None:
+    """Raise BrokerError if something listens on 127.0.0.1:``port`` (as Kafka would bind it)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the JVM does
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as exc:
+            hint = (
+                f" (kept in {where / 'broker.json'}; delete that file to pick a new one)"
+                if where is not None
+                else "; choose another with --port, or stop what listens there"
+            )
+            raise BrokerError(
+                f"cannot start the broker: {what} {port} on 127.0.0.1 is in use by another "
+                f"process ({exc.strerror or exc}){hint}"
+            ) from exc
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -384,6 +416,21 @@ def _is_kafka(pid: int) -> bool:
             return b"kafka.Kafka" in fh.read()
     except OSError:
         return True  # no /proc: trust the pid file
+
+
+def cluster_id(
+    bootstrap: str, timeout_s: float = 5.0, conf: dict[str, object] | None = None
+) -> str | None:
+    """The id of the cluster answering at ``bootstrap``, or None if none answers in time."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    settings: dict[str, Any] = {"bootstrap.servers": bootstrap, "log_level": 0, **(conf or {})}
+    try:
+        md = AdminClient(settings).list_topics(timeout=timeout_s)
+    except KafkaException:
+        return None
+    return str(md.cluster_id) if md.brokers else None
 
 
 def broker_answers(

@@ -45,3 +45,23 @@ def test_start_stop_status_and_topics_survive_a_restart(tmp_path: Path) -> None:
         assert "kept-topic" in topics and len(topics["kept-topic"].partitions) == 2
     finally:
         broker_cli("stop", *where)
+
+
+def test_start_on_a_port_another_broker_owns_fails(tmp_path: Path) -> None:
+    """A second broker on a port the first one owns must not report success (the first one
+    answers there, while the second died with "Address already in use")."""
+    port = str(free_port())
+    first = ["--port", port, "--dir", str(tmp_path / "first")]
+    second = ["--port", port, "--dir", str(tmp_path / "second")]
+    try:
+        assert broker_cli("start", *first).returncode == 0
+        taken = broker_cli("start", *second)
+        assert taken.returncode == 1, taken.stdout + taken.stderr
+        assert taken.stdout.strip() == ""
+        assert f"port {port} on 127.0.0.1 is in use" in taken.stderr
+        status = broker_cli("status", *second)
+        assert status.stdout.strip() == "not running" and status.returncode == 3
+        assert "running" in broker_cli("status", *first).stdout  # the first one is untouched
+    finally:
+        broker_cli("stop", *second)
+        broker_cli("stop", *first)
