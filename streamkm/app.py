@@ -48,6 +48,8 @@ from streamkm.learner import Learner, learner_from_settings
 from streamkm.metrics import Metrics
 from streamkm.offsets import ORIGINS_FILE, OffsetTracker, TopicPart, format_offsets
 from streamkm.records import DeadLetter
+from streamkm.shared.replica import Replica
+from streamkm.shared.sync import DeltaBuilder, SharedLearner, SyncLog
 from streamkm.sink import TransactionAborted
 from streamkm.source import Bulk
 
@@ -116,7 +118,10 @@ class App:
             max_bytes=settings.input.max_message_bytes,
             dtype=np.float32,
         )
-        self.learner: Learner = learner_from_settings(settings)
+        self.shared = settings.kafka.sync_topic is not None
+        self.learner: Learner = self._new_learner()
+        self._deltas = DeltaBuilder(settings.delivery.instance_id)
+        self._checkpointed_version = -1
         max_wait_s = model_cfg.max_batch_wait_ms / 1000.0
         self.batcher = Batcher(
             max(model_cfg.batch_size, self.learner.rows_to_start), max_wait_s, dtype=np.float32
@@ -169,8 +174,15 @@ class App:
             self.checkpointer.move_aside(also=[self.offsets.origins_path])  # type: ignore[list-item]
         k = self.settings.model.n_clusters
         ckpt = self.checkpointer.restore(expect_dim=self.settings.input.dim, expect_n_clusters=k)
+        if ckpt is not None and self.shared != isinstance(ckpt.model, Replica):
+            log.warning(
+                "ignoring %s: it holds a %s model, and kafka.sync_topic is %s",
+                ckpt.path.name, "shared" if isinstance(ckpt.model, Replica) else "local",
+                "set" if self.shared else "unset",
+            )  # fmt: skip
+            ckpt = None
         if ckpt is not None:
-            self.learner = learner_from_settings(self.settings, ckpt.model)
+            self.learner = self._new_learner(ckpt.model)
             self.offsets.restore(ckpt.offsets)
             self.decoder.dim = self.learner.dim
             log.info(
@@ -189,6 +201,10 @@ class App:
         ) as clients:
             self._clients = clients
             try:
+                if clients.sync is not None:
+                    assert isinstance(self.learner, SharedLearner)
+                    clients.sync.start(self.learner)
+                    clients.sync.catch_up()
                 clients.source.subscribe(self)
                 yield clients
             finally:
@@ -210,6 +226,11 @@ class App:
                 self._take(bulk)
         sink.poll()
         self._check()
+        sync = self._sync()
+        if sync is not None:
+            if sync.refresh() and self.learner.fitted:  # label with the newest replica
+                self.metrics.record_model(self.learner.estimator)
+            self._rewind_rejected(sync)
         self.process(force=False)
         if self.checkpointer.due():
             self.checkpoint()
@@ -223,7 +244,15 @@ class App:
         self, partitions: list[TopicPart], committed: Mapping[TopicPart, int]
     ) -> dict[TopicPart, int]:
         """Start each partition where the model stopped (or where its lineage began)."""
-        starts = self.offsets.on_assigned(partitions, committed)
+        sync = self._sync()
+        if sync is not None:
+            # Fold what the partitions' previous owners sent before taking them on.
+            sync.catch_up()
+            replica = sync.learner.replica if sync.learner is not None else None
+            absorbed = {} if replica is None else replica.absorbed
+            starts = self.offsets.on_assigned_shared(partitions, committed, absorbed)
+        else:
+            starts = self.offsets.on_assigned(partitions, committed)
         self.health.clear_kafka_error()
         self._group_check_due = True
         return starts
@@ -240,12 +269,17 @@ class App:
             else:
                 self._forget(partitions)
         finally:
-            self.offsets.let_go(partitions)
+            self._let_go(partitions)
 
     def on_lost(self, partitions: list[TopicPart]) -> None:
         """Another member may own them already: drop their work not yet committed."""
         self._forget(partitions)
+        self._let_go(partitions)
+
+    def _let_go(self, partitions: list[TopicPart]) -> None:
         self.offsets.let_go(partitions)
+        for key in partitions:
+            self._deltas.forget(key)
 
     # -- batches -------------------------------------------------------------------------
 
@@ -296,11 +330,16 @@ class App:
             if txn is not None:
                 txn.begin()
             n_out = sink.publish(batch, result, fresh, version=learner.version, emit=emit)
+            sync = self._sync()
+            if sync is not None:
+                sync.send(self._batch_deltas(batch, result, first, after))
             if txn is not None:
                 txn.commit(self.offsets.transaction_offsets(after), source.group_metadata())
         except TransactionAborted as abort:
             log.warning("transaction aborted (%s); rewinding and redoing the batch", abort)
             learner.restore(snapshot)
+            for key, o in first.items():
+                self._deltas.sent_until[key] = o  # the aborted deltas never reached the log
             source.seek(self.offsets.rewind_targets(first))
             return
         self.offsets.batch_done(after)
@@ -333,12 +372,47 @@ class App:
         self._dead = [d for d in self._dead if (d.topic, d.partition) not in gone]
         self.offsets.forget(gone)
 
+    def _batch_deltas(
+        self, batch: Batch, result: Any, first: dict[TopicPart, int], after: dict[TopicPart, int]
+    ) -> list[Any]:
+        replica = self.learner.estimator
+        labels = None if result is None else result.labels
+        d2 = None if result is None else result.distances**2
+        return self._deltas.build(
+            replica, self.settings.kafka.input_topic, batch.X, batch.partitions, batch.offsets,
+            labels, d2, first, after,
+        )  # fmt: skip
+
+    def _rewind_rejected(self, sync: SyncLog) -> None:
+        """Read again, from where the log stands, a partition whose delta the log refused."""
+        if not sync.rejected_own:
+            return
+        rejected, sync.rejected_own = sync.rejected_own, []
+        replica = self.learner.estimator
+        source, _ = self._parts()
+        for delta in rejected:
+            key = (delta.topic, delta.partition)
+            if key not in self.offsets.assigned or delta.epoch != self._deltas.epoch.get(key, 0):
+                continue
+            to = replica.absorbed.get(key, delta.first)
+            log.warning(
+                "the sync log refused a delta of %s[%d] (offsets %d..%d; it holds up to %d): "
+                "reading the partition again from %d", *key, delta.first, delta.after - 1,
+                to - 1, to,
+            )  # fmt: skip
+            self._forget([key])
+            self.offsets.rewind_to(key, to)
+            self._deltas.rewind(key, to)
+            source.seek({key: to})
+
     # -- checkpoints ---------------------------------------------------------------------
 
     def checkpoint(self) -> None:
         """Flush, write model + offsets durably, commit offsets (at-least-once), publish."""
         cp = self.checkpointer
-        if not self.learner.fitted or not cp.dirty:
+        # Shared-model mode: folding other instances' deltas changes the model too.
+        changed = cp.dirty or (self.shared and self.learner.version != self._checkpointed_version)
+        if not self.learner.fitted or not changed:
             cp.reset()
             return
         source, sink = self._parts()
@@ -346,6 +420,7 @@ class App:
         sink.flush()
         estimator = self.learner.estimator
         path = cp.write(estimator, self.offsets.positions)
+        self._checkpointed_version = self.learner.version
         self.offsets.checkpointed_now()
         if not self.exactly_once:
             source.commit(self.offsets.group_offsets())
@@ -378,7 +453,7 @@ class App:
         if members is None:
             return
         self.metrics.group_members.set(members)
-        if members > 1:
+        if members > 1 and not self.shared:
             log.error(
                 "consumer group %s has %d members: each instance keeps its own model of its "
                 "own partitions, so the models differ and a rebalance republishes assignments "
@@ -394,6 +469,14 @@ class App:
 
     def _txn(self) -> Any:
         return None if self._clients is None else self._clients.transactions
+
+    def _sync(self) -> SyncLog | None:
+        return None if self._clients is None else self._clients.sync
+
+    def _new_learner(self, estimator: Any = None) -> Learner:
+        if self.shared:
+            return SharedLearner(self.settings.model, estimator)
+        return learner_from_settings(self.settings, estimator)
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():

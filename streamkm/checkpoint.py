@@ -100,6 +100,16 @@ def _model_int(model: Any, name: str) -> int | None:
     return None if value is None else int(value)
 
 
+def _model_cls_for(model_meta: Any, default: Any) -> Any:
+    """The class that rebuilds this model: a shared-model replica says so in its ``kind``."""
+    from streamkm.shared.replica import KIND as SHARED_KIND
+    from streamkm.shared.replica import Replica
+
+    if isinstance(model_meta, dict) and model_meta.get("kind") == SHARED_KIND:
+        return Replica
+    return default
+
+
 def _parse(path: Path, model_cls: Any) -> Checkpoint:
     """Load and rebuild one checkpoint; raise CorruptFileError if anything is off."""
     meta, arrays = fileformat.load(path)
@@ -107,7 +117,7 @@ def _parse(path: Path, model_cls: Any) -> Checkpoint:
         raise CorruptFileError(f"{path}: not a streamkm checkpoint")
     try:
         offsets = _offsets_from_json(meta.get("offsets", {}))
-        model = model_cls.from_state(meta["model"], arrays)
+        model = _model_cls_for(meta["model"], model_cls).from_state(meta["model"], arrays)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CorruptFileError(f"{path}: inconsistent checkpoint ({exc})") from exc
     return Checkpoint(path=path, model=model, offsets=offsets, meta=meta)

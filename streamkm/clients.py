@@ -24,15 +24,18 @@ from streamkm.codec import VectorDecoder
 from streamkm.config import Settings
 from streamkm.health import Health
 from streamkm.kafka import (
+    check_sync_topic,
     consumer_config,
     group_member_count,
     is_cooperative,
     make_consumer,
     make_producer,
     producer_max_bytes,
+    sync_consumer_config,
     topic_max_message_bytes,
 )
 from streamkm.metrics import Metrics
+from streamkm.shared.sync import SyncLog
 from streamkm.sink import DeliveryReports, Sink, Transactions
 from streamkm.source import Source
 
@@ -49,11 +52,14 @@ class Clients:
         The output side.
     transactions : Transactions or None
         The producer's transactional calls, in exactly-once mode.
+    sync : SyncLog or None
+        Shared-model mode (``kafka.sync_topic``): the sync log's reader and writer.
     """
 
     source: Source
     sink: Sink
     transactions: Transactions | None
+    sync: SyncLog | None = None
 
 
 class ClientFactory(Protocol):
@@ -130,9 +136,22 @@ def kafka_clients(
         )
         if transactions is not None:
             transactions.init(on_retry=health.note_kafka_error)
+        sync = None
+        if kafka.sync_topic is not None:
+            check_sync_topic(settings, kafka.sync_topic)
+            sync = stack.enter_context(
+                SyncLog(
+                    make_consumer(sync_consumer_config(settings, health.on_client_error)),
+                    producer,
+                    kafka.sync_topic,
+                    settings.delivery.instance_id,
+                    transactions=transactions,
+                    metrics=metrics,
+                )
+            )
         # Entered last, closed first: the group is left before the producer's last flush.
         stack.enter_context(source)
-        yield Clients(source, sink, transactions)
+        yield Clients(source, sink, transactions, sync)
 
 
 __all__ = ["ClientFactory", "Clients", "kafka_clients"]

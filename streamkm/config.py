@@ -67,6 +67,9 @@ class KafkaSettings(_Section):
     output_topic: str = "assignments"
     dead_letter_topic: str | None = None
     model_topic: str | None = None
+    # Shared-model mode: the single-partition topic every instance of the group writes its
+    # deltas to and folds in order (unset: each instance keeps its own model).
+    sync_topic: str | None = None
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
     client: dict[str, ClientValue | SecretStr] = Field(default_factory=dict)

@@ -12,7 +12,7 @@ from confluent_kafka import KafkaError as _CKafkaError
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from streamkm.config import Settings
-from streamkm.errors import FencedError, KafkaClientError
+from streamkm.errors import ConfigError, FencedError, KafkaClientError
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,63 @@ def consumer_config(
         conf["stats_cb"] = stats_cb
     conf.update(_client_props(settings, for_producer=False))
     return conf
+
+
+def sync_consumer_config(settings: Settings, error_cb: Callable[[Any], None]) -> dict[str, Any]:
+    """The sync-log reader's properties: ``assign()`` only (no group offsets), read_committed."""
+    conf: dict[str, Any] = {
+        # librdkafka wants a group id; this reader never joins the group nor commits.
+        "group.id": f"{settings.kafka.group_id}-sync-reader",
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "isolation.level": "read_committed",
+        "fetch.wait.max.ms": 10,
+        "error_cb": error_cb,
+        "logger": _LIBRDKAFKA_LOG,
+    }
+    conf.update(_client_props(settings, for_producer=False))
+    return conf
+
+
+# What the sync topic must be: one partition (one order for every replica), and its records
+# kept (deltas are not last-writer-wins: compaction alone would drop most of them).
+SYNC_TOPIC_CONFIG = {"cleanup.policy": "delete", "retention.ms": "-1"}
+
+
+def check_sync_topic(settings: Settings, topic: str, timeout_s: float = 10.0) -> None:
+    """Create the sync topic if it is missing; refuse one that cannot carry a shared model.
+
+    Raises
+    ------
+    ConfigError
+        When the topic has more than one partition or ``cleanup.policy=compact`` alone.
+    """
+    conf = admin_config(settings)
+    ensure_topics(conf, {topic: dict(SYNC_TOPIC_CONFIG)}, partitions=1, timeout_s=timeout_s)
+    admin = AdminClient(conf)
+    try:
+        md = admin.list_topics(topic=topic, timeout=timeout_s).topics.get(topic)
+    except KafkaException as exc:
+        raise to_error(exc, f"describing the sync topic {topic}") from None
+    if md is not None and md.partitions and len(md.partitions) != 1:
+        raise ConfigError(
+            f"kafka.sync_topic {topic} has {len(md.partitions)} partitions; it needs exactly 1 "
+            "(every replica must read the deltas in one order)"
+        )
+    resource = ConfigResource(ConfigResource.Type.TOPIC, topic)
+    try:
+        futures = admin.describe_configs([resource], request_timeout=timeout_s)
+        entries = next(iter(futures.values())).result(timeout=timeout_s)
+        policy = str(entries["cleanup.policy"].value)
+    except (KafkaException, KeyError, StopIteration, TimeoutError) as exc:
+        log.warning("cannot read cleanup.policy of the sync topic %s (%s)", topic, exc)
+        return
+    if "delete" not in policy:
+        raise ConfigError(
+            f"kafka.sync_topic {topic} has cleanup.policy={policy}: deltas are not "
+            "last-writer-wins, so compaction would drop them; use cleanup.policy=delete "
+            "(with retention.ms=-1, or long enough for a restarted instance to replay)"
+        )
 
 
 def producer_config(

@@ -32,9 +32,20 @@ from streamkm.errors import ConfigError
 class StepOutput(Protocol):
     """What a step returns for a batch of n rows (a named tuple in practice)."""
 
-    labels: np.ndarray  # int (n,)
-    distances: np.ndarray  # float64 (n,)
-    scores: np.ndarray  # float64 (n,)
+    @property
+    def labels(self) -> np.ndarray:
+        """int (n,): nearest centroid."""
+        ...
+
+    @property
+    def distances(self) -> np.ndarray:
+        """float64 (n,): Euclidean distance to it."""
+        ...
+
+    @property
+    def scores(self) -> np.ndarray:
+        """float64 (n,): anomaly score (higher = more anomalous)."""
+        ...
 
 
 class Learner(Protocol):

@@ -175,6 +175,35 @@ class Metrics:
             "keeps its own model (no shared-model mode yet).",
             registry=r,
         )
+        self.sync_lag = Gauge(
+            "streamkm_sync_lag_records",
+            "Shared-model mode: sync-log records not yet folded into this replica.",
+            registry=r,
+        )
+        self.sync_staleness = Gauge(
+            "streamkm_sync_staleness_seconds",
+            "Shared-model mode: age of the newest folded record while behind the log (0 when caught up).",
+            registry=r,
+        )
+        self.sync_produced = Counter(
+            "streamkm_sync_deltas_produced", "Shared-model mode: deltas sent.", registry=r
+        )
+        self.sync_applied = Counter(
+            "streamkm_sync_records_applied",
+            "Shared-model mode: sync records folded in.",
+            registry=r,
+        )
+        self.sync_rejected = Counter(
+            "streamkm_sync_records_rejected",
+            "Shared-model mode: sync records left out (a range already absorbed, a second init).",
+            registry=r,
+        )
+        self.sync_bytes_sent = Counter(
+            "streamkm_sync_sent_bytes", "Shared-model mode: bytes of deltas sent.", registry=r
+        )
+        self.sync_bytes_read = Counter(
+            "streamkm_sync_read_bytes", "Shared-model mode: bytes of sync records read.", registry=r
+        )
         self.ready = Gauge(
             "streamkm_ready",
             "1 when the daemon is ready to label (partitions assigned, model initialised), else 0.",

@@ -140,6 +140,38 @@ class OffsetTracker:
             self.assigned.add(key)
         return starts
 
+    def on_assigned_shared(
+        self,
+        partitions: Iterable[TopicPart],
+        committed: Mapping[TopicPart, int],
+        absorbed: Mapping[TopicPart, int],
+    ) -> dict[TopicPart, int]:
+        """Shared-model mode: take partitions on where the group left them.
+
+        The model is the sync log's, not this instance's: a partition starts at the group's
+        committed offset (exactly-once: where the last transaction of its previous owner
+        ended, which the log has absorbed), else where the log's model stopped, else at its
+        lineage origin. Inputs repeated below what the log absorbed are published again
+        (at-least-once) but never learnt twice (the deltas leave them out).
+        """
+        starts: dict[TopicPart, int] = {}
+        for key in partitions:
+            start = committed.get(key, absorbed.get(key, self.origins.get(key)))
+            if start is not None:
+                starts[key] = start
+                self.positions[key] = start
+            self.assigned.add(key)
+        return starts
+
+    def rewind_to(self, key: TopicPart, offset: int) -> None:
+        """Read ``key`` again from ``offset`` without publishing what was published before."""
+        published = self.positions.get(key, offset)
+        if published > offset:
+            self.replay_until[key] = max(self.replay_until.get(key, 0), published)
+        self.positions[key] = offset
+        self._first.pop(key, None)
+        self._next.pop(key, None)
+
     def let_go(self, partitions: Iterable[TopicPart]) -> None:
         """The partitions are no longer this instance's."""
         for key in partitions:

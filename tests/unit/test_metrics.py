@@ -64,6 +64,13 @@ EXPECTED_FAMILIES = {
     "streamkm_produce_errors": "counter",
     "streamkm_group_members": "gauge",
     "streamkm_ready": "gauge",
+    "streamkm_sync_lag_records": "gauge",
+    "streamkm_sync_staleness_seconds": "gauge",
+    "streamkm_sync_deltas_produced": "counter",
+    "streamkm_sync_records_applied": "counter",
+    "streamkm_sync_records_rejected": "counter",
+    "streamkm_sync_sent_bytes": "counter",
+    "streamkm_sync_read_bytes": "counter",
     "streamkm_info": "gauge",
 }
 
