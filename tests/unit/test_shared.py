@@ -1,0 +1,187 @@
+"""Shared-model mode without a broker: the fold, its wire format, the deltas, the replica's state."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from streamkm.errors import StateError
+from streamkm.shared import wire
+from streamkm.shared.replica import Delta, Replica, seed_centroids
+from streamkm.shared.sync import DeltaBuilder
+
+pytestmark = pytest.mark.unit
+
+K, D = 4, 3
+
+
+def data(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = np.arange(K * D, dtype=np.float64).reshape(K, D) * 10
+    return (centres[rng.integers(0, K, n)] + rng.normal(size=(n, D))).astype(np.float32)
+
+
+def replica() -> Replica:
+    return Replica.from_centroids(np.arange(K * D, dtype=np.float64).reshape(K, D) * 10)
+
+
+def deltas(r: Replica, partition: int, start: int, batches: int, seed: int) -> list[Delta]:
+    """Deltas of consecutive batches of one partition, labelled by ``r`` as it is."""
+    out = []
+    for b in range(batches):
+        X = data(64, seed + b)
+        labels, d2, _ = r.assign(X)
+        first = start + 64 * b
+        out.append(r.delta("a", "in", partition, first, first + 64, X, labels, d2))
+    return out
+
+
+def test_two_replicas_folding_the_same_log_are_bit_identical() -> None:
+    builder = replica()
+    log = [wire.encode_init("a", builder.centroids)]
+    for p in range(3):
+        log += [wire.encode_delta(d) for d in deltas(builder, p, 0, 4, seed=10 * p)]
+    folded = []
+    for _ in range(2):
+        r: Replica | None = None
+        for value in log:
+            kind, body = wire.decode(value)
+            if kind == "init":
+                r = r or Replica.from_centroids(body)
+            else:
+                assert r is not None and r.apply(body)
+        folded.append(r)
+    a, b = folded
+    assert a is not None and b is not None
+    assert a.centroids.tobytes() == b.centroids.tobytes()
+    assert a.counts_.tobytes() == b.counts_.tobytes() and a.sse.tobytes() == b.sse.tobytes()
+    assert a.n_samples_seen_ == 3 * 4 * 64 and float(a.counts_.sum()) == 3 * 4 * 64
+    assert a.absorbed == {("in", 0): 256, ("in", 1): 256, ("in", 2): 256}
+
+
+def test_the_fold_is_the_streaming_average_of_the_rows() -> None:
+    r = replica()
+    X = data(500, seed=1)
+    labels, d2, _ = r.assign(X)
+    assert r.apply(r.delta("a", "in", 0, 0, 500, X, labels, d2))
+    for j in range(K):
+        rows = X[labels == j].astype(np.float64)
+        # The seed centroids carry no weight: each moves onto the mean of its rows.
+        np.testing.assert_allclose(r.centroids[j], rows.mean(axis=0), rtol=1e-12)
+        assert r.counts_[j] == len(rows)
+
+
+def test_a_range_is_absorbed_once_whoever_sends_it_again() -> None:
+    r = replica()
+    first, second = deltas(r, 0, 100, 2, seed=3)
+    assert r.apply(first) and r.apply(second)
+    counts = r.counts_.copy()
+    again = Delta("b", "in", 0, 100, 164, 64, first.index, first.sums, first.weights, first.sse)
+    overlapping = Delta("b", "in", 0, 150, 300, 64, first.index, first.sums, first.weights,
+                        first.sse)  # fmt: skip
+    gap = Delta("b", "in", 0, 400, 464, 64, first.index, first.sums, first.weights, first.sse)
+    assert not r.apply(again) and not r.apply(overlapping) and not r.apply(gap)
+    np.testing.assert_array_equal(r.counts_, counts)
+    assert r.absorbed == {("in", 0): 228} and r.rejected == 3
+    # A partition new to the log starts wherever its first delta says.
+    late = deltas(r, 5, 9_000, 1, seed=4)[0]
+    assert r.apply(late) and r.absorbed[("in", 5)] == 9_064
+
+
+def test_malformed_deltas_are_refused_not_folded() -> None:
+    r = replica()
+    good = deltas(r, 0, 0, 1, seed=5)[0]
+    bad_index = Delta("x", "in", 0, 0, 64, 64, np.array([0, K]), np.zeros((2, D)),
+                      np.ones(2), np.zeros(2))  # fmt: skip
+    nan_sums = Delta("x", "in", 0, 0, 64, 64, good.index, good.sums * np.nan, good.weights,
+                     good.sse)  # fmt: skip
+    negative = Delta("x", "in", 0, 0, 64, 64, good.index, good.sums, -good.weights, good.sse)
+    before = r.centroids.copy()
+    assert not any(r.apply(d) for d in (bad_index, nan_sums, negative))
+    np.testing.assert_array_equal(r.centroids, before)
+    assert r.apply(good)
+
+
+def test_half_life_follows_the_samples_in_the_log() -> None:
+    one, two = replica(), replica()
+    one.half_life = two.half_life = 128.0
+    big = deltas(one, 0, 0, 1, seed=6)[0]  # 64 rows
+    for r in (one, two):
+        r.apply(big)
+    empty = Delta("a", "in", 0, 64, 64, 0, np.empty(0, np.int64), np.empty((0, D)), np.empty(0),
+                  np.empty(0))  # fmt: skip
+    two.apply(empty)  # no samples: no forgetting
+    np.testing.assert_array_equal(one.counts_, two.counts_)
+    nxt = deltas(one, 0, 64, 1, seed=7)[0]
+    before = one.counts_.copy()
+    one.apply(nxt)
+    np.testing.assert_allclose(one.counts_, before * 0.5 ** (64 / 128) + _dense(nxt))
+
+
+def _dense(d: Delta) -> np.ndarray:
+    w = np.zeros(K)
+    w[d.index] = d.weights
+    return w
+
+
+def test_wire_round_trip_is_exact_and_garbage_is_refused() -> None:
+    r = replica()
+    d = deltas(r, 2, 77, 1, seed=8)[0]
+    kind, back = wire.decode(wire.encode_delta(d))
+    assert kind == "delta"
+    for field in ("index", "sums", "weights", "sse"):
+        assert getattr(back, field).tobytes() == getattr(d, field).tobytes()
+    assert (back.topic, back.partition, back.first, back.after, back.n) == ("in", 2, 77, 141, 64)
+    for junk in (b"", b"{}\n", b'{"type":"delta"}\n', wire.encode_delta(d) + b"x", b"\xff\n"):
+        with pytest.raises(StateError):
+            wire.decode(junk)
+
+
+def test_sparse_deltas_carry_only_the_centroids_they_touch() -> None:
+    r = Replica.from_centroids(np.arange(64 * D, dtype=np.float64).reshape(64, D) * 100)
+    X = np.repeat(r.centroids[:2], 32, axis=0).astype(np.float32)
+    labels, d2, _ = r.assign(X)
+    d = r.delta("a", "in", 0, 0, 64, X, labels, d2)
+    assert d.index.tolist() == [0, 1]
+    assert len(wire.encode_delta(d)) < 400  # not 64 centroids' worth
+
+
+def test_state_round_trip_is_bit_exact() -> None:
+    r = replica()
+    for d in deltas(r, 0, 0, 3, seed=9):
+        r.apply(d)
+    r.sync_offset = 42
+    meta, arrays = r.to_state()
+    back = Replica.from_state(meta, arrays)
+    assert back.centroids.tobytes() == r.centroids.tobytes()
+    assert (back.absorbed, back.sync_offset, back.n_steps_) == (r.absorbed, 42, r.n_steps_)
+    assert back.inertia_ewma_ == r.inertia_ewma_
+    with pytest.raises(StateError):
+        Replica.from_state({**meta, "kind": "model"}, arrays)
+
+
+def test_delta_builder_leaves_out_rows_the_log_already_absorbed() -> None:
+    r = replica()
+    r.absorbed[("in", 0)] = 110  # the log holds partition 0 up to 109 (a previous owner)
+    builder = DeltaBuilder("b")
+    X = data(40, seed=11)
+    partitions = np.array([0] * 20 + [1] * 20, dtype=np.int32)
+    offsets = np.concatenate([np.arange(100, 120), np.arange(0, 20)])
+    labels, d2, _ = r.assign(X)
+    out = builder.build(r, "in", X, partitions, offsets, labels, d2,
+                        {("in", 0): 100, ("in", 1): 0}, {("in", 0): 120, ("in", 1): 20})  # fmt: skip
+    by_part = {d.partition: d for d in out}
+    assert (by_part[0].first, by_part[0].after, by_part[0].n) == (110, 120, 10)
+    assert (by_part[1].first, by_part[1].after, by_part[1].n) == (0, 20, 20)
+    assert all(r.apply(d) for d in out) and r.n_samples_seen_ == 30
+    # The next batch continues where this instance's deltas end, before the log has them.
+    nxt = builder.build(r, "in", X[:0], partitions[:0], offsets[:0], None, None,
+                        {("in", 0): 120}, {("in", 0): 125})  # fmt: skip
+    assert [(d.first, d.after, d.n) for d in nxt] == [(120, 125, 0)]
+
+
+def test_seeding_picks_distinct_rows() -> None:
+    X = data(300, seed=12)
+    C = seed_centroids(X, K, seed=0)
+    assert C.shape == (K, D) and len({tuple(c) for c in C}) == K
+    np.testing.assert_array_equal(C, seed_centroids(X, K, seed=0))
