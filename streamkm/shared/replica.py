@@ -245,14 +245,19 @@ class Replica:
     ) -> Delta:
         """The sufficient statistics of rows ``X`` (with their labels) as one delta."""
         k, d = self.centroids.shape
-        sums = np.zeros((k, d))
-        np.add.at(sums, labels, X.astype(np.float64))
         weights = np.bincount(labels, minlength=k).astype(np.float64)
         sse = np.bincount(labels, weights=d2, minlength=k)
         index = np.flatnonzero(weights > 0)
+        if index.size:
+            # Rows grouped by centroid, one reduction per group (faster than np.add.at).
+            order = np.argsort(labels, kind="stable")
+            starts = np.searchsorted(labels[order], index)
+            sums = np.add.reduceat(X[order].astype(np.float64), starts, axis=0)
+        else:
+            sums = np.empty((0, d))
         return Delta(
             instance, topic, int(partition), int(first), int(after), int(X.shape[0]),
-            index, sums[index], weights[index], sse[index], int(epoch),
+            index, sums, weights[index], sse[index], int(epoch),
         )  # fmt: skip
 
     # -- state -------------------------------------------------------------------------------
