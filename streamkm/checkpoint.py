@@ -396,17 +396,26 @@ def checkpoint_summary(ckpt: Checkpoint) -> dict[str, Any]:
     Returns
     -------
     dict
-        Exactly ``model_version``, ``n_samples_seen``, ``n_clusters``, ``dim``, ``counts``
-        (list) and ``offsets`` (``{topic: {partition: next_offset}}``, partitions as strings).
+        Exactly ``file``, ``created_at`` (ISO 8601, UTC), ``model_version``,
+        ``n_samples_seen``, ``n_clusters``, ``dim``, ``counts`` (list), ``centroids`` (list of
+        lists), ``sync_offset`` (the sync-log offset a shared model stands for; None for an
+        instance's own model) and ``offsets`` (``{topic: {partition: next_offset}}``,
+        partitions as strings).
     """
     model = ckpt.model
     counts = getattr(model, "counts_", None)
+    centroids = getattr(model, "cluster_centers_", None)
+    sync_offset = getattr(model, "sync_offset", None)
     return {
+        "file": str(ckpt.path),
+        "created_at": ckpt.meta.get("created_at"),
         "model_version": _model_int(model, "n_steps_") or 0,
         "n_samples_seen": _as_json_number(getattr(model, "n_samples_seen_", None)),
         "n_clusters": _model_int(model, "n_clusters"),
         "dim": _model_int(model, "n_features_in_"),
         "counts": [] if counts is None else np.asarray(counts).tolist(),
+        "centroids": [] if centroids is None else np.asarray(centroids, np.float64).tolist(),
+        "sync_offset": None if sync_offset is None else int(sync_offset),
         "offsets": _offsets_to_json(ckpt.offsets),
     }
 

@@ -151,11 +151,18 @@ def _cmd_checkpoint_show(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary))
         return EXIT_OK
+    print(f"file            {summary['file']}")
+    print(f"created_at      {summary['created_at']}")
     print(f"model_version   {summary['model_version']}")
     print(f"n_samples_seen  {summary['n_samples_seen']}")
     print(f"n_clusters      {summary['n_clusters']}")
     print(f"dim             {summary['dim']}")
     print("counts          " + " ".join(f"{c:g}" for c in summary["counts"]))
+    if summary["sync_offset"] is not None:
+        print(f"sync_offset     {summary['sync_offset']}")
+    print("centroids")
+    for j, c in enumerate(summary["centroids"]):
+        print(f"  {j:<4} " + " ".join(f"{x:.6g}" for x in c))
     print("offsets")
     for topic, parts in summary["offsets"].items():
         for partition, offset in parts.items():

@@ -112,13 +112,19 @@ def test_keys_are_kept_and_checkpoint_show(
     )  # fmt: skip
     summary = json.loads(shown.stdout)
     assert set(summary) == {
+        "file",
+        "created_at",
         "model_version",
         "n_samples_seen",
         "n_clusters",
         "dim",
         "counts",
+        "centroids",
+        "sync_offset",
         "offsets",
     }
+    assert len(summary["centroids"]) == 3 and all(len(c) == DIM for c in summary["centroids"])
+    assert summary["sync_offset"] is None and summary["file"].endswith(".npz")
     assert (
         summary["n_samples_seen"] == len(X) and summary["dim"] == DIM and summary["n_clusters"] == 3
     )

@@ -4,7 +4,7 @@ Three instances, six input partitions, one instance SIGKILLed mid-stream and res
 added mid-stream, in both delivery modes. Afterwards every instance's final checkpoint holds
 the same model (same version, bit-identical centroids), its sample count equals the valid
 inputs, and the output holds exactly one assignment per input (exactly-once) or at least one
-(at-least-once). ``STREAMKM_SHARED_SCALE=full`` runs 500,000 vectors instead of 60,000.
+(at-least-once), with 500,000 vectors (``STREAMKM_SHARED_SCALE=quick``: 60,000).
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,8 +27,7 @@ from tests.kafka_util import drain, produce_values
 
 pytestmark = pytest.mark.integration
 
-FULL = os.environ.get("STREAMKM_SHARED_SCALE") == "full"
-N = 500_000 if FULL else 60_000
+N = 60_000 if os.environ.get("STREAMKM_SHARED_SCALE") == "quick" else 500_000
 DIM, K, PARTITIONS = 8, 6, 6
 
 
@@ -107,6 +108,13 @@ def test_three_instances_serve_one_model_through_kills_and_joins(
         np.testing.assert_array_equal(m.cluster_centers_, models["a"].cluster_centers_)
         np.testing.assert_array_equal(m.counts_, models["a"].counts_)
     assert float(models["a"].counts_.sum()) == N
+    shown = subprocess.run(
+        [sys.executable, "-m", "streamkm.cli", "checkpoint", "show", str(a.checkpoint_dir), "--json"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    summary = json.loads(shown.stdout)
+    assert summary["sync_offset"] == models["a"].sync_offset > 0
+    assert summary["centroids"] == models["a"].cluster_centers_.tolist()
 
     # One assignment per valid input (exactly-once); at least one (at-least-once).
     records = drain(kafka_bootstrap, out, expected=N, timeout_s=120)

@@ -252,11 +252,15 @@ def test_summary_has_exactly_the_documented_keys(store: CheckpointStore) -> None
     assert ckpt is not None
     summary = checkpoint_summary(ckpt)
     assert summary == {
+        "file": str(ckpt.path),
+        "created_at": ckpt.meta["created_at"],
         "model_version": 3,
         "n_samples_seen": 30,
         "n_clusters": 2,
         "dim": 4,
         "counts": [4.0, 8.0],
+        "centroids": [[3.0] * 4, [3.0] * 4],
+        "sync_offset": None,
         "offsets": {"v": {"0": 9, "1": 5}},
     }
     assert json.loads(json.dumps(summary)) == summary
