@@ -320,3 +320,111 @@ def test_readiness_gauge_and_process_metrics(tmp_path: Path) -> None:
         consumer.queue = messages(0, 4)
         app.turn()
         assert sample("streamkm_ready") == 1.0
+
+
+# -- shared-model mode -------------------------------------------------------------------------
+
+
+class FakeSyncTopic:
+    """One partition in memory: the producer appends, the reader consumes in order."""
+
+    def __init__(self) -> None:
+        self.records: list[bytes] = []
+        self.pos = 0
+
+    # the producer side (wrapped around FakeProducer.produce by SharedProducer)
+    def append(self, value: bytes) -> None:
+        self.records.append(value)
+
+    # the consumer side
+    def assign(self, tps: list[TopicPartition]) -> None:
+        self.pos = max(0, tps[0].offset)
+
+    def consume(self, num_messages: int, timeout: float) -> list[Any]:
+        out = []
+        while self.pos < len(self.records) and len(out) < num_messages:
+            out.append(Message(topic="sync", partition=0, offset=self.pos,
+                               value=self.records[self.pos], timestamp=(1, 1000)))  # fmt: skip
+            self.pos += 1
+        return out
+
+    def get_watermark_offsets(self, tp: Any, timeout: float, cached: bool) -> tuple[int, int]:
+        return 0, len(self.records)
+
+    def position(self, tps: list[TopicPartition]) -> list[TopicPartition]:
+        return [TopicPartition("sync", 0, self.pos)]
+
+    def close(self) -> None:
+        pass
+
+
+class SharedProducer(FakeProducer):
+    def __init__(self, log: FakeSyncTopic) -> None:
+        super().__init__()
+        self.log = log
+
+    def produce(self, topic: str, value: bytes, key: Any = None, headers: Any = None,
+                partition: int = -1) -> None:  # fmt: skip
+        if topic == "sync":
+            self.log.append(value)
+        else:
+            super().produce(topic, value, key, headers)
+
+
+def make_shared_app(tmp_path: Path, log: FakeSyncTopic, consumer: FakeConsumer) -> App:
+    from streamkm.shared.sync import SyncLog
+
+    producer = SharedProducer(log)
+    settings = Settings.model_validate(
+        {
+            "kafka": {"input_topic": "in", "output_topic": "out", "sync_topic": "sync"},
+            "input": {"format": "float32", "dim": DIM},
+            "model": {"n_clusters": 2, "batch_size": 4, "init_size": 4, "seed": 0},
+            "checkpoint": {"dir": str(tmp_path / "ckpt")},
+            "delivery": {"instance_id": "a"},
+        }
+    )
+
+    @contextlib.contextmanager
+    def clients(settings, decoder, health, metrics, stopping) -> Iterator[Clients]:  # type: ignore[no-untyped-def]
+        reports = DeliveryReports(False)
+        sink = Sink(producer, reports, "out")
+        source = Source(consumer, "in", decoder, read_committed_offsets=True)
+        sync = SyncLog(log, producer, "sync", "a", metrics=metrics)
+        with sink, source:
+            yield Clients(source, sink, None, sync)
+
+    app = App(settings, registry=CollectorRegistry(), clients=clients)
+    app.start()
+    return app
+
+
+def test_shared_mode_seeds_from_the_log_and_rewinds_a_refused_delta(tmp_path: Path) -> None:
+    from streamkm.shared import wire
+    from streamkm.shared.replica import Replica
+
+    log, consumer = FakeSyncTopic(), FakeConsumer()
+    app = make_shared_app(tmp_path, log, consumer)
+    with app.connected():
+        consumer.assign(0)
+        consumer.queue = messages(0, 4)
+        app.turn()  # proposes an init, adopts the log's first one, labels, sends a delta
+        assert [wire.decode(v)[0] for v in log.records] == ["init", "delta"]
+        app.turn()  # folds its own delta
+        assert app.model.n_samples_seen_ == 4 and app.model.absorbed == {("in", 0): 4}
+
+        # A delta another instance sent for offsets 4..9 (a rebalance overlap) lands in the log
+        # just before this instance's delta for 4..7, which the log must then refuse.
+        other = Replica.from_state(*app.model.to_state())
+        X = np.random.default_rng(1).normal(size=(6, DIM)).astype(np.float32)
+        labels, d2, _ = other.assign(X)
+        consumer.queue = messages(4, 4)
+        app.turn()  # labels 4..7 and sends their delta
+        log.records.insert(len(log.records) - 1, wire.encode_delta(
+            other.delta("b", "in", 0, 4, 10, X, labels, d2)))  # fmt: skip
+        app.turn()  # folds b's delta, refuses its own, reads partition 0 again from 10
+        assert app.model.absorbed == {("in", 0): 10} and app.model.n_samples_seen_ == 10
+        assert consumer.seeks[-1] == (0, 10)
+        assert app.offsets.positions[("in", 0)] == 10
+        sample = app.metrics.registry.get_sample_value
+        assert sample("streamkm_sync_records_rejected_total") == 1
