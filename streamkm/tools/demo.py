@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -144,6 +145,17 @@ def run_demo(settings: Settings, messages: int, report: Path | None, config_give
 
     env_bootstrap = os.environ.get("STREAMKM_KAFKA__BOOTSTRAP_SERVERS")
     broker: LocalBroker | None = None
+    if report is not None:
+        # Found now rather than after the whole run: matplotlib (the `report` extra) and a
+        # place to write the picture.
+        from streamkm.tools.report import check_output_path, require_matplotlib
+
+        try:
+            require_matplotlib()
+            check_output_path(report)
+        except StreamkmError as exc:
+            print(f"streamkm demo: {exc}", file=sys.stderr)
+            return 1
     workdir = Path("demo-data") / time.strftime("run-%Y%m%d-%H%M%S")
     workdir.mkdir(parents=True, exist_ok=True)
     try:
@@ -174,7 +186,11 @@ def run_demo(settings: Settings, messages: int, report: Path | None, config_give
         return 1
     finally:
         if broker is not None:
-            broker.stop()
+            # The broker's data is this run's alone: stop it and remove its directory.
+            try:
+                broker.stop()
+            finally:
+                shutil.rmtree(broker.dir, ignore_errors=True)
 
 
 def _run(

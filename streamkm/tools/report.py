@@ -10,22 +10,57 @@ import numpy as np
 from streamkm.checkpoint import read as read_checkpoint
 from streamkm.errors import StreamkmError
 
+REPORT_EXTRA_HINT = "pip install 'streamkm[report]'"
+
+
+def require_matplotlib() -> None:
+    """Raise StreamkmError, naming the ``report`` extra, unless matplotlib can be imported.
+
+    ``streamkm demo --report`` calls it before the run starts, so a missing extra is not
+    found only after the whole run.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot
+    except ImportError as exc:
+        raise StreamkmError(
+            f"drawing a report needs matplotlib, which is not installed ({exc}): "
+            f"{REPORT_EXTRA_HINT}"
+        ) from None
+
+
+def check_output_path(out: str | os.PathLike[str]) -> Path:
+    """The report's path, if a file can be written there; StreamkmError saying why not."""
+    path = Path(out)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise StreamkmError(f"cannot write the report to {path}: it is a directory")
+    if not parent.is_dir():
+        raise StreamkmError(f"cannot write the report to {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise StreamkmError(
+            f"cannot write the report to {path}: directory {parent} is not writable"
+        )
+    return path
+
 
 def draw_report(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
     """Draw the newest checkpoint of ``checkpoint`` (a file or directory) to a PNG.
 
     The checkpoint carries the per-batch inertia history of the run, the model's centroids
     and their weights. Needs matplotlib (``pip install 'streamkm[report]'``).
-    """
-    try:
-        import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise StreamkmError(
-            "drawing a report needs matplotlib: pip install 'streamkm[report]'"
-        ) from None
+    Raises
+    ------
+    StreamkmError
+        Without matplotlib, when ``out`` cannot be written, or when no checkpoint is read.
+    """
+    require_matplotlib()
+    import matplotlib.pyplot as plt
+
+    path = check_output_path(out)
     ckpt = read_checkpoint(checkpoint)
     model = ckpt.model
     history = np.asarray(ckpt.meta.get("extra", {}).get("history", []), dtype=np.float64)
@@ -68,9 +103,12 @@ def draw_report(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str])
         f"{float(model.n_samples_seen_):,.0f} vectors"
     )
     fig.tight_layout()
-    path = Path(out)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=110)
+    except OSError as exc:
+        raise StreamkmError(f"cannot write the report to {path}: {exc.strerror or exc}") from None
+    finally:
+        plt.close(fig)
     return path
 
 
