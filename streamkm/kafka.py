@@ -139,6 +139,8 @@ def sync_consumer_config(settings: Settings, error_cb: Callable[[Any], None]) ->
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
         "isolation.level": "read_committed",
+        # An offset retention removed is an error to handle, never a silent jump to the end.
+        "auto.offset.reset": "error",
         "fetch.wait.max.ms": 10,
         "error_cb": error_cb,
         "logger": _LIBRDKAFKA_LOG,

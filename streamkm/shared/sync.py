@@ -22,6 +22,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
+from confluent_kafka import KafkaError as _CKafkaError
 
 from streamkm.config import ModelSettings
 from streamkm.errors import StateError, StreamkmError
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 TopicPart = tuple[str, int]
 INIT_WAIT_S = 60.0
+SNAPSHOT_EVERY = 1000
 CATCH_UP_S = 30.0
 _POLL_S = 0.05
 
@@ -60,6 +62,10 @@ class SyncLog:
         Exactly-once: an init proposal is committed in a transaction of its own.
     metrics : Metrics, optional
         ``streamkm_sync_*`` series.
+    snapshot_every : int, default 1000
+        Put a snapshot of the replica on the log after each of this many of this instance's
+        deltas has been folded (0: never); a reader without a checkpoint starts at the newest
+        snapshot it finds, so the log's retention need only keep a few snapshot intervals.
     clock : callable, default time.time
     """
 
@@ -71,6 +77,7 @@ class SyncLog:
         instance: str,
         transactions: Any = None,
         metrics: Any = None,
+        snapshot_every: int = SNAPSHOT_EVERY,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.consumer = consumer
@@ -79,8 +86,15 @@ class SyncLog:
         self.instance = instance
         self.transactions = transactions
         self.metrics = metrics
+        self.snapshot_every = snapshot_every
         self._clock = clock
+        self._own_folded = 0
+        self._snapshot: tuple[dict[str, Any], dict[str, np.ndarray]] | None = None
+        # Records passed over before the replica had a state: the log's beginning is gone, so
+        # an init seen later is not the first one and only a snapshot can seed this replica.
+        self.truncated = False
         self.learner: SharedLearner | None = None
+        self._seek_to: int | None = None
         self.rejected_own: list[Delta] = []
         self.last_record_ts: float | None = None
         self._rate_log = RateLimitedLog(log)
@@ -130,11 +144,64 @@ class SyncLog:
                 if err is not None:
                     if err.fatal():
                         raise to_error(KafkaException(err), "consuming the sync topic")
+                    if err.code() == _CKafkaError._AUTO_OFFSET_RESET:
+                        self._offset_gone()
+                        break
                     continue
                 applied += self._fold(msg)
+                if self._seek_to is not None:
+                    break  # adopted a snapshot: read on from the offset it stands for
+            if self._seek_to is not None:
+                self._seek(self._seek_to)
+                self._seek_to = None
             timeout = 0.0
+        self._put_snapshot()
         self._record_lag()
         return applied
+
+    def _offset_gone(self) -> None:
+        """The offset the replica stands for is no longer in the log (retention): start over
+        from the newest snapshot the log holds."""
+        assert self.learner is not None
+        replica = self.learner.replica
+        log.warning(
+            "sync offset %s is no longer in the sync topic %s; starting from its oldest record "
+            "and the first snapshot after it", None if replica is None else replica.sync_offset,
+            self.topic,
+        )  # fmt: skip
+        self.learner.replica = None
+        self.truncated = True
+        self._seek_to = self._low_watermark()
+
+    def _low_watermark(self) -> int:
+        try:
+            low, _ = self.consumer.get_watermark_offsets(
+                TopicPartition(self.topic, 0), timeout=5.0, cached=False
+            )
+        except KafkaException as exc:
+            raise to_error(exc, f"reading the sync topic {self.topic}'s start") from None
+        return int(low)
+
+    def _seek(self, offset: int) -> None:
+        try:
+            self.consumer.seek(TopicPartition(self.topic, 0, offset))
+        except KafkaException as exc:
+            raise to_error(exc, f"seeking the sync topic to {offset}") from None
+
+    def _put_snapshot(self) -> None:
+        if self._snapshot is None:
+            return
+        meta, arrays = self._snapshot
+        self._snapshot = None
+        value = wire.encode_snapshot(self.instance, meta, arrays)
+        txn = self.transactions
+        if txn is not None:
+            txn.begin()
+            self._produce(value)
+            txn.commit(doing="putting a snapshot on the sync log")
+        else:
+            self._produce(value)
+        log.info("put a snapshot of model version %d on the sync log", meta["n_steps"])
 
     def _fold(self, msg: Any) -> int:
         assert self.learner is not None
@@ -150,15 +217,42 @@ class SyncLog:
             kind, body = "bad", None
         replica = learner.replica
         ok = False
-        if kind == "init":
-            if replica is None:
-                learner.replica = replica = Replica.from_centroids(body, learner.half_life)
-                log.info("adopted the model's init from the sync log (offset %d)", msg.offset())
-                ok = True
-        elif kind == "delta" and replica is not None:
+        if replica is not None and kind == "snapshot":
+            replica.sync_offset = msg.offset() + 1
+            return 0  # this replica is past it already
+        if replica is None and kind == "snapshot":
+            meta, arrays = body
+            try:
+                state = Replica.from_state(meta, arrays)
+            except StateError as exc:
+                self._rate_log.warning("sync-snap", "unusable snapshot @%d: %s", msg.offset(), exc)
+                return 0
+            if state.sync_offset < self._low_watermark():
+                return 0  # what it stands for is partly gone: wait for a later snapshot
+            learner.replica = state
+            # The snapshot stands for the log before its sync_offset: read on from there.
+            self._seek_to = learner.replica.sync_offset
+            log.info(
+                "started from the snapshot at sync offset %d (model version %d)",
+                learner.replica.sync_offset, learner.replica.n_steps_,
+            )  # fmt: skip
+            return 1
+        if replica is None and kind == "init" and not self.truncated:
+            learner.replica = replica = Replica.from_centroids(body, learner.half_life)
+            log.info("adopted the model's init from the sync log (offset %d)", msg.offset())
+            ok = True
+        elif replica is None:
+            self.truncated = True
+        elif kind == "delta":
             ok = replica.apply(body)
             if not ok and body.instance == self.instance:
                 self.rejected_own.append(body)
+            if ok and body.instance == self.instance and self.snapshot_every > 0:
+                self._own_folded += 1
+                if self._own_folded % self.snapshot_every == 0:
+                    replica.sync_offset = msg.offset() + 1
+                    meta, arrays = replica.to_state()
+                    self._snapshot = (meta, {n: a.copy() for n, a in arrays.items()})
         if learner.replica is not None:
             learner.replica.sync_offset = msg.offset() + 1
         if self.metrics is not None:
@@ -295,6 +389,12 @@ class SharedLearner:
         if sync is None:
             raise StreamkmError("shared-model mode: the sync log is not open")
         sync.catch_up()
+        if self.replica is None and sync.truncated:
+            raise StreamkmError(
+                f"the sync topic {sync.topic} no longer holds its beginning and no snapshot "
+                "was found in what it holds: raise its retention (snapshots are put on it "
+                "every few thousand deltas) or restore a checkpoint of this group"
+            )
         if self.replica is None:
             k = self.settings.n_clusters
             sync.propose_init(seed_centroids(X, k, self.settings.seed))

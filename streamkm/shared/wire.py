@@ -9,6 +9,9 @@ folds the same numbers.
 * ``{"type": "delta", "instance", "topic", "partition", "first", "after", "n", "m", "d",
   "epoch"}`` + index (m int64) + sums (m·d float64) + weights (m) + sse (m): only the m
   centroids the delta touches travel.
+* ``{"type": "snapshot", "instance", "meta", "arrays": [[name, shape], …]}`` + each array
+  (float64): a replica's whole state as it stood at ``meta["sync_offset"]``, so a reader can
+  start there instead of at the beginning of the log.
 
 Examples
 --------
@@ -60,8 +63,21 @@ def encode_delta(delta: Delta) -> bytes:
     return b"".join(parts)
 
 
+def encode_snapshot(instance: str, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
+    """A replica's state (:meth:`Replica.to_state`) as a sync record."""
+    names = sorted(arrays)
+    head = {
+        "type": "snapshot",
+        "instance": instance,
+        "meta": meta,
+        "arrays": [[n, list(np.shape(arrays[n]))] for n in names],
+    }
+    body = b"".join(np.ascontiguousarray(arrays[n], dtype=_F8).tobytes() for n in names)
+    return json.dumps(head, separators=(",", ":")).encode() + b"\n" + body
+
+
 def decode(value: bytes) -> tuple[str, Any]:
-    """``("init", centroids)`` or ``("delta", Delta)``.
+    """``("init", centroids)``, ``("delta", Delta)`` or ``("snapshot", (meta, arrays))``.
 
     Raises
     ------
@@ -98,9 +114,21 @@ def decode(value: bytes) -> tuple[str, Any]:
                 index, sums, weights, sse, int(head.get("epoch", 0)),
             )  # fmt: skip
             return "delta", delta
+        if head["type"] == "snapshot":
+            arrays: dict[str, np.ndarray] = {}
+            pos = 0
+            for name, shape in head["arrays"]:
+                count = int(np.prod(shape))
+                arrays[str(name)] = (
+                    np.frombuffer(body, dtype=_F8, count=count, offset=pos).reshape(shape).copy()
+                )
+                pos += count * 8
+            if pos != len(body):
+                raise ValueError(f"{len(body) - pos} trailing bytes")
+            return "snapshot", (dict(head["meta"]), arrays)
         raise ValueError(f"unknown record type {head['type']!r}")
     except (ValueError, KeyError, TypeError) as exc:
         raise StateError(f"not a streamkm sync record: {exc}") from exc
 
 
-__all__ = ["decode", "encode_delta", "encode_init"]
+__all__ = ["decode", "encode_delta", "encode_init", "encode_snapshot"]

@@ -185,3 +185,102 @@ def test_seeding_picks_distinct_rows() -> None:
     C = seed_centroids(X, K, seed=0)
     assert C.shape == (K, D) and len({tuple(c) for c in C}) == K
     np.testing.assert_array_equal(C, seed_centroids(X, K, seed=0))
+
+
+class MemoryLog:
+    """A one-partition sync topic in memory, with a movable start (retention)."""
+
+    def __init__(self) -> None:
+        self.records: list[bytes] = []
+        self.low = 0
+        self.pos = 0
+        self.reset_error = False
+
+    def produce(self, topic: str, value: bytes, key: object = None, partition: int = 0) -> None:
+        self.records.append(value)
+
+    def flush(self, timeout: float = 0) -> int:
+        return 0
+
+    def poll(self, timeout: float = 0) -> int:
+        return 0
+
+
+class Reader:
+    def __init__(self, log: MemoryLog) -> None:
+        self.log = log
+        self.pos = 0
+
+    def assign(self, tps: list) -> None:  # type: ignore[type-arg]
+        off = tps[0].offset
+        self.pos = self.log.low if off < 0 else off
+
+    def seek(self, tp: object) -> None:
+        self.pos = tp.offset  # type: ignore[attr-defined]
+
+    def consume(self, num_messages: int, timeout: float) -> list:  # type: ignore[type-arg]
+        from confluent_kafka import Message
+
+        self.pos = max(self.pos, self.log.low)
+        out = []
+        while self.pos < len(self.log.records) and len(out) < num_messages:
+            out.append(Message(topic="sync", partition=0, offset=self.pos,
+                               value=self.log.records[self.pos], timestamp=(1, 0)))  # fmt: skip
+            self.pos += 1
+        return out
+
+    def get_watermark_offsets(self, tp: object, timeout: float, cached: bool) -> tuple[int, int]:
+        return self.log.low, len(self.log.records)
+
+    def position(self, tps: list) -> list:  # type: ignore[type-arg]
+        from confluent_kafka import TopicPartition
+
+        return [TopicPartition("sync", 0, self.pos)]
+
+    def close(self) -> None:
+        pass
+
+
+def shared_learner():  # type: ignore[no-untyped-def]
+    from streamkm.config import ModelSettings
+    from streamkm.shared.sync import SharedLearner
+
+    return SharedLearner(ModelSettings(n_clusters=K, batch_size=64, init_size=64, seed=0))
+
+
+def test_a_reader_of_a_truncated_log_starts_from_a_snapshot_bit_identical() -> None:
+    from streamkm.errors import StreamkmError
+    from streamkm.shared.sync import SyncLog
+
+    log = MemoryLog()
+    writer, learner = SyncLog(Reader(log), log, "sync", "a", snapshot_every=3), shared_learner()
+    writer.start(learner)
+    learner.step(data(64, seed=0))  # proposes the init and adopts it
+    for b in range(10):
+        X = data(64, seed=100 + b)
+        labels, d2, _ = learner.replica.assign(X)
+        writer.send([learner.replica.delta("a", "in", 0, 64 * b, 64 * (b + 1), X, labels, d2)])
+        writer.refresh()
+    kinds = [wire.decode(v)[0] for v in log.records]
+    assert kinds.count("snapshot") == 3 and kinds[0] == "init"
+
+    # Retention removed the init and the first deltas: a new reader starts at a snapshot
+    # whose offsets are still there, and ends bit-identical to the writer.
+    first_snap = kinds.index("snapshot")
+    log.low = first_snap - 1
+    fresh = shared_learner()
+    reader = SyncLog(Reader(log), log, "sync", "b")
+    reader.start(fresh)
+    reader.catch_up(timeout_s=5)
+    assert fresh.replica is not None and reader.truncated
+    assert fresh.replica.centroids.tobytes() == learner.replica.centroids.tobytes()
+    assert fresh.replica.absorbed == learner.replica.absorbed
+    assert fresh.replica.n_samples_seen_ == learner.replica.n_samples_seen_ == 640
+
+    # With no usable snapshot left in what the log holds, a new instance refuses to seed itself.
+    log.low = len(log.records) - 1
+    lost = shared_learner()
+    orphan = SyncLog(Reader(log), log, "sync", "c")
+    orphan.start(lost)
+    with pytest.raises(StreamkmError, match="no longer holds its beginning"):
+        lost.step(data(64, seed=1))
