@@ -63,6 +63,7 @@ METRICS: dict[str, str] = {
     "streamkm_produce_errors_total": "counter",
     "streamkm_group_members": "gauge",
     "streamkm_ready": "gauge",
+    "streamkm_sync_read_bytes_total": "counter",
     "streamkm_info": "gauge",
 }
 
