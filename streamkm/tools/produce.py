@@ -1,9 +1,10 @@
 """``streamkm produce``: feed vectors from a file, stdin or a synthetic stream to a topic.
 
 CSV input: one vector per row, comma-separated. The first row is a **header** when any of its
-fields is not a number (``--header`` / ``--no-header`` force either reading); a header names
-the columns. ``--key-column NAME`` (a header name, or a 0-based column number) sends that
-column as each message's key and the other columns as the vector.
+fields is not a number; a header names the columns. :func:`produce_command` also reads
+``args.header`` (True or False forces either reading; None, the default, detects) and
+``args.key_column`` (a header name, or a 0-based column number: that column is sent as each
+message's key and the other columns as the vector) when the command line provides them.
 
 Before sending, the brokers must answer a metadata request within ``CONNECT_TIMEOUT_S``;
 otherwise the command stops with the cause librdkafka reported (connection refused, name not
@@ -114,7 +115,9 @@ def read_csv(
                 vector.append(float(field))
             except ValueError:
                 column = names[i] if names else f"column {i}"
-                hint = " (a header row? use --header)" if line == 1 else ""
+                hint = (
+                    " (a header row? it is one only when detected or forced)" if line == 1 else ""
+                )
                 raise StreamkmError(
                     f"{source}, line {line}, {column}: {field.strip()!r} is not a number{hint}"
                 ) from None
