@@ -115,9 +115,7 @@ def read_csv(
                 vector.append(float(field))
             except ValueError:
                 column = names[i] if names else f"column {i}"
-                hint = (
-                    " (a header row? it is one only when detected or forced)" if line == 1 else ""
-                )
+                hint = " (a header row? header detection was turned off)" if line == 1 else ""
                 raise StreamkmError(
                     f"{source}, line {line}, {column}: {field.strip()!r} is not a number{hint}"
                 ) from None
