@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 from prometheus_client import CollectorRegistry
 
+from streamkm import __version__, records
 from streamkm.batcher import Batch, Batcher
 from streamkm.checkpoint import CheckpointStore
 from streamkm.checkpointer import Checkpointer
@@ -58,6 +59,7 @@ log = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_ERROR = 1
 _POLL_MAX_S = 0.5
+_LAG_EVERY_S = 1.0
 
 
 class App:
@@ -122,6 +124,7 @@ class App:
         self.learner: Learner = self._new_learner()
         self._deltas = DeltaBuilder(settings.delivery.instance_id)
         self._checkpointed_version = -1
+        self._next_lag = 0.0
         max_wait_s = model_cfg.max_batch_wait_ms / 1000.0
         self.batcher = Batcher(
             max(model_cfg.batch_size, self.learner.rows_to_start), max_wait_s, dtype=np.float32
@@ -144,6 +147,8 @@ class App:
         self._install_signal_handlers()
         try:
             self.start()
+            log.info("%s", self.banner())
+            self.warm_up()
             server = self.metrics.serve(
                 self.settings.metrics.host, self.settings.metrics.port, self._live, self._ready
             )
@@ -162,6 +167,38 @@ class App:
         except StreamkmError as exc:
             log.error("%s", exc)
             return EXIT_ERROR
+
+    def banner(self) -> str:
+        """One line saying what this daemon is about to do."""
+        s = self.settings
+        k = s.kafka
+        parts = [
+            f"streamkm {__version__}: {k.input_topic} ({s.input.format}) -> {k.output_topic}",
+            f"group {k.group_id}, instance {s.delivery.instance_id}, {s.delivery.guarantee}",
+            f"k={s.model.n_clusters}, batch {s.model.batch_size}",
+            f"dead letters: {k.dead_letter_topic or 'logged, not kept'}",
+        ]
+        if k.model_topic:
+            parts.append(f"model topic {k.model_topic}")
+        if k.sync_topic:
+            parts.append(f"shared model via {k.sync_topic}")
+        return "; ".join(parts)
+
+    def warm_up(self) -> None:
+        """Load (or, on the first run after an install, compile) the Numba kernels now, with a
+        notice, rather than stall silently on the first batch."""
+        log.info("loading the compiled kernels (the first run after an install compiles them)")
+        t0 = time.perf_counter()
+        records.warm_up()
+        rng = np.random.default_rng(0)
+        X = rng.normal(size=(64, 2)).astype(np.float32)
+        probe = learner_from_settings(
+            Settings.model_validate({"model": {"n_clusters": 2, "batch_size": 32, "seed": 0}})
+        )
+        probe.step(X)
+        probe.step(X[:32])
+        Replica.from_centroids(X[:2].astype(np.float64)).assign(X)
+        log.info("kernels ready in %.1f s", time.perf_counter() - t0)
 
     def request_stop(self) -> None:
         """Ask the loop to finish the current batch, checkpoint and exit."""
@@ -237,6 +274,21 @@ class App:
         if self._group_check_due:
             self._check_group()
         self.metrics.ready.set(1.0 if self._ready()[0] else 0.0)
+        self.metrics.rows_held.set(len(self.batcher))
+        now = time.monotonic()
+        if now >= self._next_lag:
+            self._next_lag = now + _LAG_EVERY_S
+            self._update_lag(source)
+
+    def _update_lag(self, source: Any) -> None:
+        """Lag from the consumer's position (right from the start, in both delivery modes;
+        librdkafka's statistics only know committed offsets)."""
+        m = self.metrics
+        lags = source.lag(sorted(self.offsets.assigned))
+        seconds = 0.0
+        if any(lags.values()) and source.newest_ms is not None:
+            seconds = max(0.0, time.time() - source.newest_ms / 1000.0)
+        m.set_lag({(t, str(p)): float(v) for (t, p), v in lags.items()}, seconds)
 
     # -- the rebalance listener (streamkm.source.AssignmentListener) -----------------------
 
@@ -252,10 +304,34 @@ class App:
             absorbed = {} if replica is None else replica.absorbed
             starts = self.offsets.on_assigned_shared(partitions, committed, absorbed)
         else:
+            self._warn_if_checkpoints_lost(partitions, committed)
             starts = self.offsets.on_assigned(partitions, committed)
         self.health.clear_kafka_error()
         self._group_check_due = True
         return starts
+
+    def _warn_if_checkpoints_lost(
+        self, partitions: list[TopicPart], committed: Mapping[TopicPart, int]
+    ) -> None:
+        """The group has moved on but this instance has no checkpoint of it: say so loudly."""
+        known = self.offsets.positions.keys() | self.offsets.origins.keys()
+        orphans = sorted(k for k in partitions if k in committed and k not in known)
+        if not orphans:
+            return
+        where = ", ".join(f"{t}[{p}]@{committed[(t, p)]}" for t, p in orphans)
+        restore = (
+            f" The model topic {self.settings.kafka.model_topic} holds the last published model: "
+            "`streamkm checkpoint import` can turn it into a checkpoint."
+            if self.settings.kafka.model_topic
+            else ""
+        )
+        log.error(
+            "no checkpoint in %s, but the group %s has committed offsets (%s): the checkpoint "
+            "volume was lost or replaced. Starting a NEW model from those offsets; inputs before "
+            "them are not learnt. To start over from the beginning instead, stop and reset the "
+            "group's offsets; to keep the old model, restore the checkpoint directory.%s",
+            self.settings.checkpoint.dir, self.settings.kafka.group_id, where, restore,
+        )  # fmt: skip
 
     def on_revoked(self, partitions: list[TopicPart]) -> None:
         """Finish and checkpoint what is held before the partitions go."""

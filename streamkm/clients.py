@@ -101,7 +101,8 @@ def kafka_clients(
     kafka = settings.kafka
     exactly_once = settings.delivery.guarantee == "exactly-once"
     reports = DeliveryReports(exactly_once, on_failure=metrics.produce_errors.inc)
-    consumer_conf = consumer_config(settings, health.on_client_error, metrics.update_lag_from_stats)
+    # Lag comes from the consumer's position (App), not from librdkafka's statistics.
+    consumer_conf = consumer_config(settings, health.on_client_error, None)
     dead_letter_max = producer_max_bytes(settings)
     if kafka.dead_letter_topic is not None:
         dead_letter_max = min(
@@ -112,7 +113,9 @@ def kafka_clients(
         kafka.input_topic,
         decoder,
         cooperative=is_cooperative(consumer_conf),
-        read_committed_offsets=exactly_once,
+        # Exactly-once replays up to them, shared-model mode starts there, and a lost
+        # checkpoint volume is told from them.
+        read_committed_offsets=True,
         members=lambda: group_member_count(settings, kafka.group_id),
     )
     with contextlib.ExitStack() as stack:

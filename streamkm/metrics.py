@@ -21,7 +21,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
@@ -139,8 +139,18 @@ class Metrics:
         )
         self.consumer_lag = Gauge(
             "streamkm_consumer_lag",
-            "Messages behind the end of each partition (librdkafka statistics).",
+            "Messages between the consumer's position and the end of each assigned partition.",
             ["topic", "partition"],
+            registry=r,
+        )
+        self.consumer_lag_seconds = Gauge(
+            "streamkm_consumer_lag_seconds",
+            "Age of the newest consumed input while there is lag (0 when caught up).",
+            registry=r,
+        )
+        self.rows_held = Gauge(
+            "streamkm_rows_held",
+            "Valid rows consumed and waiting for their batch (for seeding, before the first one).",
             registry=r,
         )
         self.checkpoints = Counter("streamkm_checkpoints", "Checkpoints written.", registry=r)
@@ -297,15 +307,22 @@ class Metrics:
         except (ValueError, TypeError, AttributeError) as exc:
             logger.debug("ignoring malformed librdkafka statistics: %s", exc)
             return 0
+        self.set_lag(seen)
+        return len(seen)
+
+    def set_lag(self, lags: Mapping[tuple[str, str], float], seconds: float | None = None) -> None:
+        """Set ``streamkm_consumer_lag`` to ``{(topic, partition): lag}``; others lose their
+        series. ``seconds`` sets ``streamkm_consumer_lag_seconds``."""
         with self._lock:
-            for labels in self._lag_labels - seen.keys():
+            for labels in self._lag_labels - lags.keys():
                 with contextlib.suppress(KeyError):
                     self.consumer_lag.remove(*labels)
-            for (topic, partition), lag in seen.items():
+            for (topic, partition), lag in lags.items():
                 self.consumer_lag.labels(topic=topic, partition=partition).set(lag)
-            self._lag_labels = set(seen)
-            self._total_lag = sum(seen.values()) if seen else None
-        return len(seen)
+            self._lag_labels = set(lags)
+            self._total_lag = sum(lags.values()) if lags else None
+        if seconds is not None:
+            self.consumer_lag_seconds.set(seconds)
 
     def total_lag(self) -> float | None:
         """Sum of the last known consumer lag over all partitions (None before any)."""

@@ -171,6 +171,7 @@ class Source:
         self._closing = False
         self._closed = False
         self._rate_log = RateLimitedLog(log)
+        self.newest_ms: int | None = None  # timestamp of the newest message consumed
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -220,6 +221,9 @@ class Source:
         self._raise_failure()
         if not messages:
             return None
+        ts_type, ts = messages[-1].timestamp()
+        if ts_type and ts > 0:
+            self.newest_ms = ts
         if any(map(_error, messages)):
             messages = self._without_errors(messages)
             if not messages:
@@ -290,6 +294,28 @@ class Source:
             self._rate_log.warning("commit", "committing offsets failed: %s", exc.args[0].str())
             return False
         return True
+
+    def lag(self, partitions: Iterable[TopicPart]) -> dict[TopicPart, int]:
+        """Messages between the position and the end of each partition (cached end offsets:
+        no broker call); partitions whose position or end is not known yet are left out."""
+        tps = [TopicPartition(t, p) for t, p in partitions]
+        if not tps:
+            return {}
+        try:
+            positions = self.consumer.position(tps)
+        except KafkaException:
+            return {}
+        out: dict[TopicPart, int] = {}
+        for tp in positions:
+            if tp.offset < 0:
+                continue
+            try:
+                _, high = self.consumer.get_watermark_offsets(tp, cached=True)
+            except KafkaException:
+                continue
+            if high >= 0:
+                out[(tp.topic, tp.partition)] = max(0, high - tp.offset)
+        return out
 
     def group_members(self) -> int | None:
         """How many members the consumer group has now, None when it cannot be told."""

@@ -86,6 +86,8 @@ class FakeConsumer:
         self.committed_offsets = committed or {}
         self.callbacks: dict[str, Any] = {}
         self.closed = False
+        self.pos: dict[int, int] = {}
+        self.high: dict[int, int] = {}  # end offset of each partition, as the broker says
 
     def subscribe(self, topics: list[str], **callbacks: Any) -> None:
         self.callbacks = callbacks
@@ -115,7 +117,16 @@ class FakeConsumer:
 
     def consume(self, num_messages: int, timeout: float) -> list[Any]:
         out, self.queue = self.queue[:num_messages], self.queue[num_messages:]
+        for m in out:
+            self.pos[m.partition()] = m.offset() + 1
         return out
+
+    def position(self, tps: list[TopicPartition]) -> list[TopicPartition]:
+        return [TopicPartition(tp.topic, tp.partition, self.pos.get(tp.partition, -1001))
+                for tp in tps]  # fmt: skip
+
+    def get_watermark_offsets(self, tp: TopicPartition, cached: bool = False) -> tuple[int, int]:
+        return 0, self.high.get(tp.partition, -1001)
 
     def seek(self, tp: Any) -> None:
         self.seeks.append((tp.partition, tp.offset))
@@ -155,7 +166,7 @@ def make_app(
         if txn is not None:
             txn.init()
         sink = Sink(producer, reports, "out", dead_letter_topic="dead", transactions=txn)
-        source = Source(consumer, "in", decoder, read_committed_offsets=exactly_once)
+        source = Source(consumer, "in", decoder, read_committed_offsets=True)
         with sink, source:
             yield Clients(source, sink, txn)
 
@@ -304,6 +315,30 @@ def test_revoke_finishes_the_batch_and_lost_partitions_are_dropped(tmp_path: Pat
         assert offsets_of(producer.values()) == [0, 1, 2, 3, 4]
         assert consumer.commits[-1] == [(0, 5)]
         assert app.offsets.assigned == set()
+
+
+def test_lag_comes_from_the_position_from_the_first_batch(tmp_path: Path) -> None:
+    producer, consumer = FakeProducer(), FakeConsumer()
+    app = make_app(tmp_path, producer, consumer, guarantee="exactly-once")
+    sample = app.metrics.registry.get_sample_value
+    with app.connected():
+        consumer.assign(0)
+        consumer.high = {0: 1000}  # 1000 inputs wait in partition 0
+        consumer.queue = messages(0, 4)
+        app.turn()
+        # Exactly-once commits through transactions, so librdkafka's statistics never had it.
+        assert sample("streamkm_consumer_lag", {"topic": "in", "partition": "0"}) == 996
+        assert sample("streamkm_rows_held") == 0
+
+
+def test_a_lost_checkpoint_volume_is_said_loudly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    consumer = FakeConsumer(committed={0: 500})  # the group went on; no checkpoint here
+    app = make_app(tmp_path, FakeProducer(), consumer, guarantee="at-least-once")
+    with app.connected(), caplog.at_level("ERROR"):
+        consumer.assign(0)
+    assert "no checkpoint in" in caplog.text and "in[0]@500" in caplog.text
 
 
 def test_readiness_gauge_and_process_metrics(tmp_path: Path) -> None:

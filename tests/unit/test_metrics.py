@@ -64,6 +64,8 @@ EXPECTED_FAMILIES = {
     "streamkm_produce_errors": "counter",
     "streamkm_group_members": "gauge",
     "streamkm_ready": "gauge",
+    "streamkm_consumer_lag_seconds": "gauge",
+    "streamkm_rows_held": "gauge",
     "streamkm_sync_lag_records": "gauge",
     "streamkm_sync_staleness_seconds": "gauge",
     "streamkm_sync_deltas_produced": "counter",
