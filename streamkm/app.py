@@ -320,8 +320,8 @@ class App:
             return
         where = ", ".join(f"{t}[{p}]@{committed[(t, p)]}" for t, p in orphans)
         restore = (
-            f" The model topic {self.settings.kafka.model_topic} holds the last published model: "
-            "`streamkm checkpoint import` can turn it into a checkpoint."
+            f" The model topic {self.settings.kafka.model_topic} holds the last published "
+            "model: its centroids, saved as a .npy, can seed the new one (model.init)."
             if self.settings.kafka.model_topic
             else ""
         )
