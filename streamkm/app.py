@@ -105,6 +105,7 @@ class App:
         self.stop_event = threading.Event()
         self.metrics = Metrics(registry)
         self.metrics.set_checkpoint_interval(settings.checkpoint.interval_s)
+        self.metrics.shared_model.set(1.0 if settings.kafka.sync_topic else 0.0)
         model_cfg = settings.model
         stuck_after = max(60.0, 10 * model_cfg.max_batch_wait_ms / 1000.0)
         self.health = Health(stuck_after, on_fatal=self.stop_event.set)

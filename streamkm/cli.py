@@ -106,6 +106,15 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     produce.add_argument("--dim", type=int, default=16, help="dimension of synthetic vectors")
     produce.add_argument("--count", type=int, help="stop after this many synthetic vectors")
+    produce.add_argument(
+        "--header", action=argparse.BooleanOptionalAction, default=None,
+        help="the first CSV row names the columns (default: detected, a first row that is "
+        "not all numbers)",
+    )  # fmt: skip
+    produce.add_argument(
+        "--key-column", metavar="NAME|N",
+        help="CSV column sent as each message's key (a header name or a 0-based number)",
+    )  # fmt: skip
 
     demo = with_config(
         sub.add_parser("demo", help="stream a realistic workload through the daemon")

@@ -214,6 +214,11 @@ class Metrics:
         self.sync_bytes_read = Counter(
             "streamkm_sync_read_bytes", "Shared-model mode: bytes of sync records read.", registry=r
         )
+        self.shared_model = Gauge(
+            "streamkm_shared_model",
+            "1 in shared-model mode (kafka.sync_topic: the group's instances serve one model).",
+            registry=r,
+        )
         self.ready = Gauge(
             "streamkm_ready",
             "1 when the daemon is ready to label (partitions assigned, model initialised), else 0.",

@@ -63,7 +63,7 @@ METRICS: dict[str, str] = {
     "streamkm_produce_errors_total": "counter",
     "streamkm_group_members": "gauge",
     "streamkm_ready": "gauge",
-    "streamkm_sync_read_bytes_total": "counter",
+    "streamkm_shared_model": "gauge",
     "streamkm_info": "gauge",
 }
 
@@ -76,6 +76,7 @@ SETTINGS: dict[str, set[str]] = {
         "output_topic",
         "dead_letter_topic",
         "model_topic",
+        "sync_topic",
         "client",
         "sasl_username",
         "sasl_password",
@@ -91,7 +92,7 @@ SETTINGS: dict[str, set[str]] = {
         "reassignment_ratio",
         "seed",
     },
-    "checkpoint": {"dir", "interval_s", "keep"},
+    "checkpoint": {"dir", "interval_s", "every_batches", "keep"},
     "metrics": {"host", "port"},
     "delivery": {"guarantee", "instance_id"},
     "log": {"level", "format"},

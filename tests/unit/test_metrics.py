@@ -64,6 +64,7 @@ EXPECTED_FAMILIES = {
     "streamkm_produce_errors": "counter",
     "streamkm_group_members": "gauge",
     "streamkm_ready": "gauge",
+    "streamkm_shared_model": "gauge",
     "streamkm_consumer_lag_seconds": "gauge",
     "streamkm_rows_held": "gauge",
     "streamkm_sync_lag_records": "gauge",
