@@ -64,6 +64,15 @@ METRICS: dict[str, str] = {
     "streamkm_group_members": "gauge",
     "streamkm_ready": "gauge",
     "streamkm_shared_model": "gauge",
+    "streamkm_sync_lag_records": "gauge",
+    "streamkm_sync_staleness_seconds": "gauge",
+    "streamkm_sync_deltas_produced_total": "counter",
+    "streamkm_sync_records_applied_total": "counter",
+    "streamkm_sync_records_rejected_total": "counter",
+    "streamkm_sync_sent_bytes_total": "counter",
+    "streamkm_sync_read_bytes_total": "counter",
+    "streamkm_consumer_lag_seconds": "gauge",
+    "streamkm_rows_held": "gauge",
     "streamkm_info": "gauge",
 }
 
@@ -422,7 +431,7 @@ def test_prometheus_config() -> None:
     config = _yaml(PROMETHEUS_CONFIG)
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     targets = [t for sc in jobs[JOB]["static_configs"] for t in sc["targets"]]
-    assert targets == [f"streamkm:{METRICS_PORT}"]
+    assert targets == [f"{name}:{METRICS_PORT}" for name in ("streamkm", "streamkm-2", "streamkm-3")]
     assert jobs[JOB].get("metrics_path", "/metrics") == "/metrics"
     for rule_file in config["rule_files"]:
         assert (PROMETHEUS_CONFIG.parent / rule_file).is_file(), rule_file
@@ -548,9 +557,20 @@ def test_compose_parts_agree() -> None:
     # Every topic the daemon uses is created, with the model topic compacted.
     init = services["kafka-init"]["command"]
     init_script = init if isinstance(init, str) else " ".join(init)
-    for key in ("input_topic", "output_topic", "dead_letter_topic", "model_topic"):
+    for key in ("input_topic", "output_topic", "dead_letter_topic", "model_topic", "sync_topic"):
         assert config["kafka"][key] in init_script, f"kafka-init does not create {key}"
     assert "cleanup.policy=compact" in init_script
+
+    # Three daemons of one model: distinct instance ids, checkpoint volumes and host ports,
+    # each scraped by Prometheus.
+    daemons = [services[n] for n in ("streamkm", "streamkm-2", "streamkm-3")]
+    ids = {d["environment"]["STREAMKM_DELIVERY__INSTANCE_ID"] for d in daemons}
+    volumes = {v for d in daemons for v in d["volumes"] if not v.startswith(".")}
+    ports = {p for d in daemons for p in d["ports"]}
+    assert len(ids) == len(volumes) == len(ports) == 3
+    assert all(d["image"] == services["streamkm"]["image"] for d in daemons)
+    targets = _yaml(PROMETHEUS_CONFIG)["scrape_configs"][0]["static_configs"][0]["targets"]
+    assert targets == ["streamkm:9464", "streamkm-2:9464", "streamkm-3:9464"]
     assert config["kafka"]["bootstrap_servers"] in init_script
     assert "kafka:29092" in services["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
 
@@ -750,7 +770,9 @@ def test_k8s_manifests_agree() -> None:
         monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     )
     assert sts["spec"]["serviceName"] == service["metadata"]["name"]
-    assert sts["spec"]["replicas"] == 1
+    # Several replicas only serve one model in shared-model mode.
+    config = tomllib.loads(_one(resources, "ConfigMap")["data"]["config.toml"])
+    assert sts["spec"]["replicas"] == 3 and config["kafka"]["sync_topic"]
 
     # Ports: the named container port backs the Service, the probes and the ServiceMonitor.
     container_ports = {p["name"]: p["containerPort"] for p in container["ports"]}
