@@ -12,6 +12,7 @@ puts on each replica.
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
 import sys
 import time
@@ -26,8 +27,10 @@ from _streams import blobs
 
 from streamkm.shared import wire
 from streamkm.shared.replica import Replica, seed_centroids
+from streamkm.shared.sync import merge
 
 B = 1024
+MERGED = 10  # batches merged into one record (at-least-once, kafka.sync_interval_ms)
 CONFIGS = [(16, 8), (128, 100), (384, 256)]
 
 
@@ -49,6 +52,11 @@ def measure(d: int, k: int, repeats: int, n_batches: int) -> dict[str, float]:
             values.append(wire.encode_delta(delta))
         build_s.append((time.perf_counter() - t0) / n_batches)
         sizes = [len(v) for v in values]
+        deltas = [wire.decode(v)[1] for v in values]
+        merged = [
+            len(wire.encode_delta(functools.reduce(merge, deltas[i : i + MERGED])))
+            for i in range(0, len(deltas) - MERGED + 1, MERGED)
+        ]
         r = Replica.from_state(*base.to_state())
         t0 = time.perf_counter()
         for v in values:
@@ -57,6 +65,7 @@ def measure(d: int, k: int, repeats: int, n_batches: int) -> dict[str, float]:
         fold_s.append((time.perf_counter() - t0) / n_batches)
     return {
         "bytes_per_input": float(np.median(sizes)) / B,
+        "merged_bytes_per_input": float(np.median(merged)) / (B * MERGED),
         "build_us_per_input": float(np.median(build_s)) / B * 1e6,
         "fold_us_per_input": float(np.median(fold_s)) / B * 1e6,
         "assign_us_per_input": float(np.median(assign_s)) / B * 1e6,
@@ -72,13 +81,14 @@ def main() -> None:
         f"machine: {platform.machine()}, {platform.python_version()}, batches of {B} float32 rows"
     )
     print(f"median of {args.repeats} repeats × {args.batches} batches\n")
-    print("| d | k | delta bytes / input | build µs / input | fold µs / input "
-          "| label µs / input | fold / label |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
+    print(f"| d | k | delta bytes / input | … {MERGED} batches merged | build µs / input "
+          "| fold µs / input | label µs / input | fold / label |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     for d, k in CONFIGS:
         m = measure(d, k, args.repeats, args.batches)
         print(
-            f"| {d} | {k} | {m['bytes_per_input']:.2f} | {m['build_us_per_input']:.3f} | "
+            f"| {d} | {k} | {m['bytes_per_input']:.2f} | {m['merged_bytes_per_input']:.2f} | "
+            f"{m['build_us_per_input']:.3f} | "
             f"{m['fold_us_per_input']:.3f} | {m['assign_us_per_input']:.3f} | "
             f"{m['fold_us_per_input'] / m['assign_us_per_input']:.2f} |"
         )

@@ -126,6 +126,7 @@ class App:
         self._deltas = DeltaBuilder(settings.delivery.instance_id)
         self._checkpointed_version = -1
         self._next_lag = 0.0
+        self._next_sync_send = 0.0
         max_wait_s = model_cfg.max_batch_wait_ms / 1000.0
         self.batcher = Batcher(
             max(model_cfg.batch_size, self.learner.rows_to_start), max_wait_s, dtype=np.float32
@@ -270,6 +271,7 @@ class App:
                 self.metrics.record_model(self.learner.estimator)
             self._rewind_rejected(sync)
         self.process(force=False)
+        self._send_held(sync, force=False)
         if self.checkpointer.due():
             self.checkpoint()
         if self._group_check_due:
@@ -409,7 +411,11 @@ class App:
             n_out = sink.publish(batch, result, fresh, version=learner.version, emit=emit)
             sync = self._sync()
             if sync is not None:
-                sync.send(self._batch_deltas(batch, result, first, after))
+                deltas = self._batch_deltas(batch, result, first, after)
+                if txn is not None:
+                    sync.send(deltas)  # in this batch's transaction, with its offsets
+                else:
+                    self._deltas.hold(deltas)
             if txn is not None:
                 txn.commit(self.offsets.transaction_offsets(after), source.group_metadata())
         except TransactionAborted as abort:
@@ -460,6 +466,16 @@ class App:
             labels, d2, first, after,
         )  # fmt: skip
 
+    def _send_held(self, sync: SyncLog | None, force: bool) -> None:
+        """At-least-once: send the held deltas every kafka.sync_interval_ms (and before any
+        offset is committed: a committed input must be in the log)."""
+        if sync is None or not self._deltas.holding:
+            return
+        now = time.monotonic()
+        if force or now >= self._next_sync_send:
+            self._next_sync_send = now + self.settings.kafka.sync_interval_ms / 1000.0
+            sync.send(self._deltas.take())
+
     def _rewind_rejected(self, sync: SyncLog) -> None:
         """Read again, from where the log stands, a partition whose delta the log refused."""
         if not sync.rejected_own:
@@ -494,6 +510,7 @@ class App:
             return
         source, sink = self._parts()
         t0 = time.perf_counter()
+        self._send_held(self._sync(), force=True)
         sink.flush()
         estimator = self.learner.estimator
         path = cp.write(estimator, self.offsets.positions)

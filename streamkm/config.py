@@ -70,6 +70,8 @@ class KafkaSettings(_Section):
     # Shared-model mode: the single-partition topic every instance of the group writes its
     # deltas to and folds in order (unset: each instance keeps its own model).
     sync_topic: str | None = None
+    # At-least-once: deltas of this long are merged into one record per partition.
+    sync_interval_ms: int = Field(default=200, ge=0)
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
     client: dict[str, ClientValue | SecretStr] = Field(default_factory=dict)

@@ -436,12 +436,40 @@ class DeltaBuilder:
 
     Rows below what the log already absorbed of their partition (or below the end of this
     instance's own deltas still in flight) are left out, so a repeated input never counts twice.
+
+    At-least-once, deltas can wait (:meth:`hold`) and merge with the next ones of their
+    partition until :meth:`take`: fewer, larger records on the sync log. (Exactly-once sends
+    each batch's deltas in that batch's transaction.)
     """
 
     def __init__(self, instance: str) -> None:
         self.instance = instance
         self.sent_until: dict[TopicPart, int] = {}  # end of this instance's deltas in flight
         self.epoch: dict[TopicPart, int] = {}
+        self._held: dict[TopicPart, Delta] = {}
+        self._ready: list[Delta] = []
+
+    def hold(self, deltas: list[Delta]) -> None:
+        """Keep deltas back, merging each with the held one it continues."""
+        for d in deltas:
+            key = (d.topic, d.partition)
+            held = self._held.get(key)
+            if held is not None and held.after == d.first and held.epoch == d.epoch:
+                self._held[key] = merge(held, d)
+            else:
+                if held is not None:
+                    self._ready.append(held)
+                self._held[key] = d
+
+    @property
+    def holding(self) -> bool:
+        return bool(self._held or self._ready)
+
+    def take(self) -> list[Delta]:
+        """Every held delta, in the order they are to be sent."""
+        out = [*self._ready, *self._held.values()]
+        self._ready, self._held = [], {}
+        return out
 
     def build(
         self,
@@ -482,9 +510,34 @@ class DeltaBuilder:
         """This instance reads ``key`` again from ``to``; deltas in flight are void."""
         self.epoch[key] = self.epoch.get(key, 0) + 1
         self.sent_until[key] = to
+        self._drop(key)
 
     def forget(self, key: TopicPart) -> None:
+        """The partition is another member's now: what is held of it is that member's to redo."""
         self.sent_until.pop(key, None)
+        self._drop(key)
+
+    def _drop(self, key: TopicPart) -> None:
+        self._held.pop(key, None)
+        self._ready = [d for d in self._ready if (d.topic, d.partition) != key]
 
 
-__all__ = ["DeltaBuilder", "SharedLearner", "StepResult", "SyncLog"]
+def merge(a: Delta, b: Delta) -> Delta:
+    """One delta for ``a`` followed by ``b`` (b continues a's partition where a ends)."""
+    index = np.union1d(a.index, b.index)
+    d = a.sums.shape[1] if a.sums.ndim == 2 and a.sums.size else b.sums.shape[1]
+    sums = np.zeros((index.size, d))
+    weights = np.zeros(index.size)
+    sse = np.zeros(index.size)
+    for part in (a, b):
+        pos = np.searchsorted(index, part.index)
+        sums[pos] += part.sums
+        weights[pos] += part.weights
+        sse[pos] += part.sse
+    return Delta(
+        a.instance, a.topic, a.partition, a.first, b.after, a.n + b.n,
+        index, sums, weights, sse, a.epoch,
+    )  # fmt: skip
+
+
+__all__ = ["DeltaBuilder", "SharedLearner", "StepResult", "SyncLog", "merge"]

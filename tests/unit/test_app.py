@@ -412,7 +412,12 @@ def make_shared_app(tmp_path: Path, log: FakeSyncTopic, consumer: FakeConsumer) 
     producer = SharedProducer(log)
     settings = Settings.model_validate(
         {
-            "kafka": {"input_topic": "in", "output_topic": "out", "sync_topic": "sync"},
+            "kafka": {
+                "input_topic": "in",
+                "output_topic": "out",
+                "sync_topic": "sync",
+                "sync_interval_ms": 0,
+            },
             "input": {"format": "float32", "dim": DIM},
             "model": {"n_clusters": 2, "batch_size": 4, "init_size": 4, "seed": 0},
             "checkpoint": {"dir": str(tmp_path / "ckpt")},

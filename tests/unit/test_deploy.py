@@ -86,6 +86,7 @@ SETTINGS: dict[str, set[str]] = {
         "dead_letter_topic",
         "model_topic",
         "sync_topic",
+        "sync_interval_ms",
         "client",
         "sasl_username",
         "sasl_password",
@@ -431,7 +432,9 @@ def test_prometheus_config() -> None:
     config = _yaml(PROMETHEUS_CONFIG)
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     targets = [t for sc in jobs[JOB]["static_configs"] for t in sc["targets"]]
-    assert targets == [f"{name}:{METRICS_PORT}" for name in ("streamkm", "streamkm-2", "streamkm-3")]
+    assert targets == [
+        f"{name}:{METRICS_PORT}" for name in ("streamkm", "streamkm-2", "streamkm-3")
+    ]
     assert jobs[JOB].get("metrics_path", "/metrics") == "/metrics"
     for rule_file in config["rule_files"]:
         assert (PROMETHEUS_CONFIG.parent / rule_file).is_file(), rule_file

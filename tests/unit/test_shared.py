@@ -284,3 +284,25 @@ def test_a_reader_of_a_truncated_log_starts_from_a_snapshot_bit_identical() -> N
     orphan.start(lost)
     with pytest.raises(StreamkmError, match="no longer holds its beginning"):
         lost.step(data(64, seed=1))
+
+
+def test_held_deltas_merge_into_one_record_that_folds_like_the_two() -> None:
+    r = replica()
+    a, b = deltas(r, 0, 0, 2, seed=20)
+    builder = DeltaBuilder("a")
+    builder.hold([a])
+    builder.hold([b])
+    (merged,) = builder.take()
+    assert (merged.first, merged.after, merged.n) == (0, 128, 128) and not builder.holding
+    one, two = replica(), replica()
+    assert one.apply(merged) and two.apply(a) and two.apply(b)
+    np.testing.assert_array_equal(one.counts_, two.counts_)
+    np.testing.assert_allclose(one.centroids, two.centroids, rtol=1e-12)
+    assert one.absorbed == two.absorbed == {("in", 0): 128}
+    # A delta that does not continue the held one is sent apart; a rewind drops what is held.
+    c = deltas(r, 0, 500, 1, seed=21)[0]
+    builder.hold([a, c])
+    assert [(d.first, d.after) for d in builder.take()] == [(0, 64), (500, 564)]
+    builder.hold([a])
+    builder.rewind(("in", 0), 0)
+    assert builder.take() == []
