@@ -92,6 +92,20 @@ def _parser() -> argparse.ArgumentParser:
     show = ckpt_sub.add_parser("show", help="print a checkpoint (a file, or a directory's newest)")
     show.add_argument("path", type=Path)
     show.add_argument("--json", action="store_true", help="print a JSON object")
+    export = ckpt_sub.add_parser(
+        "export", help="write a checkpoint's model as a file StreamingKMeans.load() opens"
+    )
+    export.add_argument("path", type=Path, help="a checkpoint file, or a directory's newest")
+    export.add_argument("--out", type=Path, help="the model file (.npz)")
+    export.add_argument("--centroids", type=Path, help="also (or only) the centroids, as .npy")
+
+    tail = with_config(sub.add_parser("tail", help="print the newest records of a topic"))
+    tail.add_argument(
+        "topic", nargs="?", help="default: kafka.output_topic (dead letters: --dead-letters)"
+    )
+    tail.add_argument("--dead-letters", action="store_true", help="the dead-letter topic")
+    tail.add_argument("-n", "--count", type=int, default=10, help="records per partition")
+    tail.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
 
     produce = with_config(sub.add_parser("produce", help="feed vectors to a topic"))
     produce.add_argument(
@@ -150,6 +164,51 @@ def _cmd_broker(args: argparse.Namespace) -> int:
             return 3
         state = "answering" if broker.answers() else "not answering"
         print(f"running (pid {pid}) at {broker.bootstrap}, {state}")
+    return EXIT_OK
+
+
+def _cmd_checkpoint(args: argparse.Namespace) -> int:
+    if args.checkpoint_command == "export":
+        return _cmd_checkpoint_export(args)
+    return _cmd_checkpoint_show(args)
+
+
+def _cmd_checkpoint_export(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from streamkm.checkpoint import read
+
+    if args.out is None and args.centroids is None:
+        raise ConfigError("checkpoint export: give --out FILE.npz and/or --centroids FILE.npy")
+    ckpt = read(args.path)
+    model = ckpt.model
+    if args.out is not None:
+        if not hasattr(model, "save"):
+            raise StreamkmError(
+                f"{ckpt.path.name} holds a shared model (kafka.sync_topic); export its "
+                "centroids with --centroids FILE.npy (usable as model.init)"
+            )
+        model.save(args.out)
+        print(f"model version {model.n_steps_} written to {args.out}")
+    if args.centroids is not None:
+        np.save(args.centroids, np.asarray(model.cluster_centers_, dtype=np.float64))
+        print(f"{model.n_clusters} centroids written to {args.centroids}")
+    return EXIT_OK
+
+
+def _cmd_tail(args: argparse.Namespace) -> int:
+    from streamkm.config import load_settings
+    from streamkm.tools.tail import tail
+
+    settings = load_settings(args.config)
+    topic = args.topic
+    if topic is None:
+        topic = (
+            settings.kafka.dead_letter_topic if args.dead_letters else settings.kafka.output_topic
+        )
+        if topic is None:
+            raise ConfigError("kafka.dead_letter_topic is not set")
+    tail(settings, topic, count=args.count, follow=args.follow)
     return EXIT_OK
 
 
@@ -235,7 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {
         "config": _cmd_config_show,
         "broker": _cmd_broker,
-        "checkpoint": _cmd_checkpoint_show,
+        "checkpoint": _cmd_checkpoint,
+        "tail": _cmd_tail,
         "run": _cmd_run,
         "produce": _cmd_produce,
         "demo": _cmd_demo,

@@ -131,6 +131,28 @@ def test_keys_are_kept_and_checkpoint_show(
     assert summary["offsets"] == {src: {"0": len(X)}}
     assert abs(sum(summary["counts"]) - len(X)) < 1e-6
 
+    # The live model in hand: exported as a file StreamingKMeans.load() opens, and as .npy.
+    from streamkm.model import StreamingKMeans
+
+    cli = [sys.executable, "-m", "streamkm.cli"]
+    model_file, centroids_file = tmp_path / "model.npz", tmp_path / "centroids.npy"
+    subprocess.run(
+        [*cli, "checkpoint", "export", str(d.checkpoint_dir), "--out", str(model_file),
+         "--centroids", str(centroids_file)], check=True, capture_output=True,
+    )  # fmt: skip
+    model = StreamingKMeans.load(model_file)
+    assert model.n_samples_seen_ == len(X)
+    np.testing.assert_array_equal(np.load(centroids_file), summary["centroids"])
+
+    # `streamkm tail` prints the newest assignments, one JSON line each.
+    tailed = subprocess.run(
+        [*cli, "tail", "--config", str(d.config_path), "-n", "3"],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    lines = [json.loads(ln) for ln in tailed.stdout.splitlines()]
+    assert [ln["offset"] for ln in lines] == [len(X) - 3, len(X) - 2, len(X) - 1]
+    assert all(set(ln["value"]) >= {"cluster", "distance", "score"} for ln in lines)
+
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_restart_continues_from_checkpoint(
