@@ -1,7 +1,9 @@
 """The two hand-written contestants of ``bench/e2e.py``, each run as its own process.
 
 ``echo``: consume in bulk and produce every record unchanged — the ceiling of any Python
-consume → produce loop. ``sklearn``: what a user would write with scikit-learn — decode a bulk
+consume → produce loop. With ``--keep-partition`` each record goes to the output partition of
+its input's number (so the benchmark can pair outputs with inputs when the input has several
+partitions); without, to the producer's default partitioner. ``sklearn``: what a user would write with scikit-learn — decode a bulk
 of 1024 float32 vectors with one ``np.frombuffer``, ``MiniBatchKMeans.partial_fit`` + ``predict``,
 then one JSON record per input with the same fields as streamkm's assignments.
 
@@ -10,7 +12,7 @@ only failed deliveries reported) so that the three contestants differ only in th
 run until SIGTERM, then flush and exit 0.
 
     python bench/_e2e_loops.py echo|sklearn --bootstrap HOST:PORT --input T --output T
-        --group G [--dim D --k K] [--consumer-conf JSON]
+        --group G [--dim D --k K] [--consumer-conf JSON] [--keep-partition]
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 from confluent_kafka import Consumer, KafkaException, Producer
 
 BULK = 1024  # consume(num_messages) and, for sklearn, the mini-batch size
-POLL_S = 0.1  # longest wait for a bulk: the max_batch_wait_ms given to streamkm
+POLL_S = 0.1  # longest wait for a bulk (what a hand-written loop would choose)
 
 
 class Loop:
@@ -65,6 +67,14 @@ class Loop:
             except BufferError:  # local queue full: let librdkafka drain it
                 self.producer.poll(0.05)
 
+    def produce_to(self, value: bytes, key: bytes | None, partition: int) -> None:
+        while True:
+            try:
+                self.producer.produce(self.args.output, value, key, partition)
+                return
+            except BufferError:
+                self.producer.poll(0.05)
+
     def run(self) -> int:
         self.consumer.subscribe([self.args.input])
         while not self.stop:
@@ -90,8 +100,12 @@ class Loop:
 
 class Echo(Loop):
     def handle(self, msgs: list[Any]) -> None:
-        for m in msgs:
-            self.produce(m.value(), m.key())
+        if self.args.keep_partition:
+            for m in msgs:
+                self.produce_to(m.value(), m.key(), m.partition())
+        else:
+            for m in msgs:
+                self.produce(m.value(), m.key())
 
 
 class SklearnLoop(Loop):
@@ -146,6 +160,9 @@ def main() -> int:
     p.add_argument("--dim", type=int, default=16)
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--consumer-conf", default="{}", help="extra consumer properties (JSON)")
+    p.add_argument(
+        "--keep-partition", action="store_true", help="echo: output partition = input partition"
+    )
     args = p.parse_args()
     loop = Echo(args) if args.kind == "echo" else SklearnLoop(args)
     return loop.run()

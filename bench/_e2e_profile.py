@@ -1,7 +1,8 @@
 """Where does a contestant of ``bench/e2e.py`` spend its time? Profile it on a filled topic.
 
-Runs one contestant (default streamkm) through N pre-produced vectors on a local broker, as
-the benchmark's throughput phase does, under one of:
+Runs one contestant (default streamkm; ``streamkm-eos`` is streamkm in exactly-once mode)
+through N pre-produced vectors, spread over ``--partitions`` input partitions, on a local
+broker, as the benchmark's throughput phase does, under one of:
 
 * ``--tool py-spy`` (default): sampling, attached to the running process, low overhead;
   prints the share of the main thread's samples per function, inclusive and self
@@ -10,8 +11,9 @@ the benchmark's throughput phase does, under one of:
 * ``--tool cprofile``: ``python -m cProfile``; exact call counts, but its per-call overhead
   inflates the functions called once per message.
 
-    python bench/_e2e_profile.py [--kind streamkm|echo|sklearn] [--dim 16 --k 8]
-        [--messages 300000] [--tool py-spy|cprofile] [--idle] [--env KEY=VALUE]
+    python bench/_e2e_profile.py [--kind streamkm|streamkm-eos|echo|sklearn] [--dim 16 --k 8]
+        [--partitions 1] [--messages 300000] [--tool py-spy|cprofile] [--idle]
+        [--env KEY=VALUE]
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from e2e import OUT_TOPIC_CONF, Bench, Scale, stop, vector_rows
 
 from streamkm.tools.broker import LocalBroker, free_port
-from tests.kafka_util import create_topic
 
 
 def summarise_raw(path: Path, top: int) -> str:
@@ -68,7 +69,10 @@ def _func(frame: str) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--kind", default="streamkm", choices=["streamkm", "echo", "sklearn"])
+    p.add_argument(
+        "--kind", default="streamkm", choices=["streamkm", "streamkm-eos", "echo", "sklearn"]
+    )
+    p.add_argument("--partitions", type=int, default=1, help="input (and output) partitions")
     p.add_argument("--dim", type=int, default=16)
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--messages", type=int, default=300_000)
@@ -91,19 +95,19 @@ def main() -> int:
     n, d, k = args.messages, args.dim, args.k
     try:
         bench = Bench(broker.start(), workdir, Scale(n, 1, 0.0, 0.0, (0, 0)))
-        src, dst = "in", "out"
-        create_topic(bench.bootstrap, src, 1)
-        create_topic(bench.bootstrap, dst, 1, OUT_TOPIC_CONF)
+        src = bench.topic("in", args.partitions)
+        dst = bench.topic("out", args.partitions, OUT_TOPIC_CONF)
         # 10% beyond N, so that the timed span ends inside the backlog (as in e2e.py).
         bench.fill(src, vector_rows(n, d, k, seed=1), n + n // 10)
         prof = workdir / "profile.out"
         python_args = ("-m", "cProfile", "-o", str(prof)) if args.tool == "cprofile" else ()
         extra_env = dict(kv.split("=", 1) for kv in args.env)
-        proc, log = bench.launch(args.kind, d, k, src, dst, python_args, extra_env)
+        proc, log, url = bench.launch(args.kind, d, k, src, dst, python_args, extra_env)
+        txn_url = url if args.kind == "streamkm-eos" else None
         spy = None
         try:
             # Time (and attach py-spy) from the first output on: start-up is not measured.
-            bench.wait_outputs(proc, log, dst, 1)
+            bench.wait_answered(proc, log, dst, txn_url, 1)
             if args.tool == "py-spy":
                 py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
                 spy = subprocess.Popen(
@@ -112,7 +116,7 @@ def main() -> int:
                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                 )  # fmt: skip
             t0 = time.monotonic()
-            bench.wait_outputs(proc, log, dst, n)
+            bench.wait_answered(proc, log, dst, txn_url, n)
             print(f"{n:,} outputs in {time.monotonic() - t0:.1f} s (d={d}, k={k}, {args.kind})")
         finally:
             if spy is not None:
