@@ -53,6 +53,7 @@ from streamkm.shared.replica import Replica
 from streamkm.shared.sync import DeltaBuilder, SharedLearner, SyncLog
 from streamkm.sink import TransactionAborted
 from streamkm.source import Bulk
+from streamkm.topics import TopicState, input_topic_exists, prepare_topics
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 _POLL_MAX_S = 0.5
 _LAG_EVERY_S = 1.0
+_TOPIC_CHECK_S = 10.0
 
 
 class App:
@@ -127,6 +129,8 @@ class App:
         self._checkpointed_version = -1
         self._next_lag = 0.0
         self._next_sync_send = 0.0
+        self._topics: TopicState | None = None  # set by run(); None in embedded use
+        self._next_topic_check = 0.0
         max_wait_s = model_cfg.max_batch_wait_ms / 1000.0
         self.batcher = Batcher(
             max(model_cfg.batch_size, self.learner.rows_to_start), max_wait_s, dtype=np.float32
@@ -155,6 +159,7 @@ class App:
                 self.settings.metrics.host, self.settings.metrics.port, self._live, self._ready
             )
             try:
+                self._topics = prepare_topics(self.settings)
                 with self.connected():
                     while not self.stop_event.is_set():
                         self.turn()
@@ -279,9 +284,24 @@ class App:
         self.metrics.ready.set(1.0 if self._ready()[0] else 0.0)
         self.metrics.rows_held.set(len(self.batcher))
         now = time.monotonic()
+        if not self.offsets.assigned and now >= self._next_topic_check:
+            self._next_topic_check = now + _TOPIC_CHECK_S
+            self._check_topics()
         if now >= self._next_lag:
             self._next_lag = now + _LAG_EVERY_S
             self._update_lag(source)
+
+    def _check_topics(self) -> None:
+        """While nothing is assigned: verify the topics again once the brokers answer, and
+        notice the input topic appearing."""
+        state = self._topics
+        if state is None:
+            return
+        if not state.checked:
+            self._topics = prepare_topics(self.settings)
+        elif not state.input_exists and input_topic_exists(self.settings):
+            log.info("input topic %s exists now", self.settings.kafka.input_topic)
+            self._topics = TopicState(checked=True, input_exists=True, created=state.created)
 
     def _update_lag(self, source: Any) -> None:
         """Lag from the consumer's position (right from the start, in both delivery modes;
@@ -584,6 +604,11 @@ class App:
         return self.health.live()
 
     def _ready(self) -> tuple[bool, str]:
+        topics = self._topics
+        missing = topics is not None and topics.checked and not topics.input_exists
+        if not self.offsets.assigned and missing:
+            topic = self.settings.kafka.input_topic
+            return False, f"input topic {topic} does not exist; waiting for it"
         return self.health.ready(assigned=bool(self.offsets.assigned), fitted=self.learner.fitted)
 
 

@@ -161,6 +161,20 @@ class CheckpointSettings(_Section):
     keep: int = Field(default=3, ge=1)
 
 
+class TopicsSettings(_Section):
+    """``[topics]``: the output topics the daemon creates when they are missing."""
+
+    create: bool = True
+    # Partitions of a created topic; unset: as many as the input topic has.
+    partitions: int | None = Field(default=None, ge=1)
+    # -1: the brokers' default.
+    replication_factor: int = Field(default=-1, ge=-1)
+    # Topic configurations of created topics (the model topic is always compacted).
+    output: dict[str, str] = Field(default_factory=dict)
+    dead_letter: dict[str, str] = Field(default_factory=dict)
+    model: dict[str, str] = Field(default_factory=dict)
+
+
 class MetricsSettings(_Section):
     """``[metrics]``: the Prometheus endpoint (``/metrics``, ``/healthz``, ``/readyz``)."""
 
@@ -203,6 +217,7 @@ class Settings(BaseSettings):
     input: InputSettings = Field(default_factory=InputSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     checkpoint: CheckpointSettings = Field(default_factory=CheckpointSettings)
+    topics: TopicsSettings = Field(default_factory=TopicsSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     log: LogSettings = Field(default_factory=LogSettings)

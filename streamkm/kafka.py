@@ -303,6 +303,7 @@ def ensure_topics(
     topics: dict[str, dict[str, str]],
     partitions: int = 1,
     timeout_s: float = 30.0,
+    replication_factor: int = -1,
 ) -> None:
     """Create the topics that do not exist yet (``{name: topic_config}``)."""
     admin_conf: dict[str, Any] = {**conf, "logger": _LIBRDKAFKA_LOG}
@@ -312,7 +313,7 @@ def ensure_topics(
     except KafkaException as exc:
         raise to_error(exc, "listing topics") from None
     wanted = [
-        NewTopic(name, num_partitions=partitions, replication_factor=-1, config=cfg)
+        NewTopic(name, num_partitions=partitions, replication_factor=replication_factor, config=cfg)
         for name, cfg in topics.items()
         if name not in existing
     ]

@@ -103,6 +103,7 @@ SETTINGS: dict[str, set[str]] = {
         "seed",
     },
     "checkpoint": {"dir", "interval_s", "every_batches", "keep"},
+    "topics": {"create", "partitions", "replication_factor", "output", "dead_letter", "model"},
     "metrics": {"host", "port"},
     "delivery": {"guarantee", "instance_id"},
     "log": {"level", "format"},
