@@ -22,20 +22,19 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from socketserver import ThreadingMixIn
 from typing import Any
-from urllib.parse import urlsplit
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 import numpy as np
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
     PlatformCollector,
     ProcessCollector,
-    generate_latest,
+    make_wsgi_app,
 )
 
 from streamkm import __version__
@@ -367,6 +366,10 @@ class Metrics:
 class MetricsServer:
     """``/metrics``, ``/healthz`` and ``/readyz`` over HTTP on a daemon thread.
 
+    ``/metrics`` is prometheus_client's own WSGI app: gzip when the scraper accepts it,
+    OpenMetrics when it asks for it (``Accept: application/openmetrics-text``), ``name[]``
+    filters; every path also answers ``HEAD``.
+
     Attributes
     ----------
     host : str
@@ -383,8 +386,8 @@ class MetricsServer:
         health: HealthCheck,
         ready: HealthCheck,
     ) -> None:
-        handler = _make_handler(registry, health, ready)
-        self._httpd = _BoundedHTTPServer((host, port), handler)
+        self._httpd = _BoundedWSGIServer((host, port), _QuietHandler)
+        self._httpd.set_app(daemon_app(registry, health, ready))
         self.host = str(self._httpd.server_address[0])
         self.port = int(self._httpd.server_address[1])
         self._thread = threading.Thread(
@@ -406,19 +409,52 @@ class MetricsServer:
         self._thread.join(timeout=5)
 
 
+def daemon_app(registry: CollectorRegistry, health: HealthCheck, ready: HealthCheck) -> Any:
+    """The WSGI app of the metrics port: ``/metrics`` (prometheus_client's app),
+    ``/healthz`` and ``/readyz`` (200 ``ok`` or 503 with the reason), 404 elsewhere."""
+    metrics_app = make_wsgi_app(registry)
+    text = "text/plain; charset=utf-8"
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        head = environ.get("REQUEST_METHOD") == "HEAD"
+        path = environ.get("PATH_INFO", "")
+        if path == "/metrics":
+            if head:
+                environ = {**environ, "REQUEST_METHOD": "GET"}
+            captured: list[Any] = []
+            body = b"".join(metrics_app(environ, lambda s, h, *a: captured.append((s, h))))
+            status, headers = captured[0]
+        elif path in ("/healthz", "/readyz"):
+            check = health if path == "/healthz" else ready
+            try:
+                ok, reason = check()
+            except Exception as exc:
+                ok, reason = False, f"check failed: {exc}"
+            body = (("ok" if ok else (reason or "not ok")) + "\n").encode()
+            status = "200 OK" if ok else "503 Service Unavailable"
+            headers = [("Content-Type", text)]
+        else:
+            status, headers, body = "404 Not Found", [("Content-Type", text)], b"not found\n"
+        headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+        start_response(status, [*headers, ("Content-Length", str(len(body)))])
+        return [] if head else [body]
+
+    return app
+
+
 # At most this many connections are served at once, each by its own thread; more are closed
 # at once. A connection idle for IDLE_TIMEOUT_S (a slow or silent client) is closed.
 MAX_CONNECTIONS = 16
 IDLE_TIMEOUT_S = 5.0
 
 
-class _BoundedHTTPServer(ThreadingHTTPServer):
-    """A threading HTTP server with a bound on its threads (one per open connection)."""
+class _BoundedWSGIServer(ThreadingMixIn, WSGIServer):
+    """A threading WSGI server with a bound on its threads (one per open connection)."""
 
     daemon_threads = True
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+    def __init__(self, address: tuple[str, int], handler: type[WSGIRequestHandler]) -> None:
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self.refused = 0
         super().__init__(address, handler)
@@ -441,37 +477,10 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
             self._slots.release()
 
 
-def _make_handler(
-    registry: CollectorRegistry, health: HealthCheck, ready: HealthCheck
-) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        # Applied to the socket: a client that sends nothing for this long is disconnected.
-        timeout = IDLE_TIMEOUT_S
+class _QuietHandler(WSGIRequestHandler):
+    # Applied to the socket: a client that sends nothing for this long is disconnected.
+    timeout = IDLE_TIMEOUT_S
 
-        def do_GET(self) -> None:
-            path = urlsplit(self.path).path
-            if path == "/metrics":
-                self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
-            elif path in ("/healthz", "/readyz"):
-                check = health if path == "/healthz" else ready
-                try:
-                    ok, reason = check()
-                except Exception as exc:
-                    ok, reason = False, f"check failed: {exc}"
-                text = "ok" if ok else (reason or "not ok")
-                self._send(200 if ok else 503, (text + "\n").encode(), "text/plain; charset=utf-8")
-            else:
-                self._send(404, b"not found\n", "text/plain; charset=utf-8")
-
-        def _send(self, status: int, body: bytes, content_type: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            # Scrapes every few seconds would flood stderr; keep them at debug level.
-            logger.debug("%s " + format, self.address_string(), *args)
-
-    return Handler
+    def log_message(self, format: str, *args: Any) -> None:
+        # Scrapes every few seconds would flood stderr; keep them at debug level.
+        logger.debug("%s " + format, self.address_string(), *args)

@@ -268,3 +268,28 @@ def test_idle_connections_hold_a_bounded_number_of_threads(metrics: Metrics) -> 
     finally:
         for s in idle:
             s.close()
+
+
+def test_metrics_speak_gzip_openmetrics_and_head(metrics: Metrics) -> None:
+    import gzip
+
+    server = metrics.serve("127.0.0.1", 0, health=lambda: (True, ""), ready=lambda: (True, ""))
+    metrics.batches.inc(2)
+    url = f"{server.url}/metrics"
+
+    req = urllib.request.Request(url, headers={"Accept-Encoding": "gzip"})
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        assert resp.headers["Content-Encoding"] == "gzip"
+        assert b"streamkm_batches_total 2.0" in gzip.decompress(resp.read())
+
+    req = urllib.request.Request(url, headers={"Accept": "application/openmetrics-text"})
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        assert resp.headers["Content-Type"].startswith("application/openmetrics-text")
+        assert resp.read().rstrip().endswith(b"# EOF")
+
+    for path in ("/metrics", "/healthz", "/readyz"):
+        req = urllib.request.Request(f"{server.url}{path}", method="HEAD")
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            assert resp.status == 200 and resp.read() == b""
+            assert int(resp.headers["Content-Length"]) > 0
+    metrics.close()
