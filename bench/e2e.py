@@ -192,10 +192,15 @@ def vector_rows(n: int, d: int, k: int, seed: int) -> list[bytes]:
 
 
 class Bench:
-    def __init__(self, bootstrap: str, workdir: Path, scale: Scale) -> None:
+    def __init__(
+        self, bootstrap: str, workdir: Path, scale: Scale, wrapper: str | None = None
+    ) -> None:
         self.bootstrap = bootstrap
         self.workdir = workdir
         self.scale = scale
+        # A script that streamkm runs through (it gets "-m streamkm.cli run ..." as its
+        # arguments): to size a change by patching streamkm in memory, its files untouched.
+        self.wrapper = wrapper
         self.n_parts: dict[str, int] = {}  # partitions of every topic created
         # One consumer, never subscribed, only asks for high watermarks.
         self.watch = Consumer({"bootstrap.servers": bootstrap, "group.id": "bench-watch"})
@@ -440,6 +445,8 @@ class Bench:
                     "metrics": {"host": "127.0.0.1", "port": port},
                 },
             )  # fmt: skip
+            if self.wrapper is not None and not python_args:
+                python_args = (self.wrapper,)
             cmd = [sys.executable, *python_args, "-m", "streamkm.cli", "run", "--config", str(cfg)]
         else:
             cmd = [sys.executable, *python_args, str(ROOT / "bench" / "_e2e_loops.py"), kind,
@@ -713,6 +720,11 @@ def main() -> int:
     p.add_argument("--configs", default="16:8,128:100", help="d:k pairs (default 16:8,128:100)")
     p.add_argument("--contestants", default=",".join(CONTESTANTS), help="subset to run")
     p.add_argument("--no-rss", action="store_true", help="skip the long RSS run")
+    p.add_argument(
+        "--streamkm-wrapper",
+        metavar="SCRIPT",
+        help="run streamkm as `python SCRIPT -m streamkm.cli run ...` (experiments)",
+    )
     args = p.parse_args()
     command = "python bench/e2e.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     scale = QUICK if args.quick else FULL
@@ -728,7 +740,7 @@ def main() -> int:
     results: list[Result] = []
     rss: RssRun | None = None
     try:
-        bench = Bench(broker.start(), workdir, scale)
+        bench = Bench(broker.start(), workdir, scale, args.streamkm_wrapper)
         try:
             for parts in partitions:
                 for d, k in configs:
