@@ -611,7 +611,7 @@ def machine() -> str:
         mem = ""
     load = ", load average {:.1f} / {:.1f} / {:.1f}".format(*os.getloadavg())
     libs = (
-        f"NumPy {np.__version__}, confluent-kafka {confluent_kafka.version()[0]} "
+        f"NumPy {np.__version__}, confluent-kafka {confluent_kafka.__version__} "
         f"(librdkafka {confluent_kafka.libversion()[0]})"
     )
     return f"{os.cpu_count()} CPUs ({model}){mem}{load}; Python {platform.python_version()}, {libs}"
