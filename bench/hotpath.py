@@ -8,7 +8,9 @@ daemon sees them; the alternatives compared are the ones its hot path chose betw
   against :class:`streamkm.source.Source` (one C-level ``map`` per field, no ``topic()``);
 * decoding: :meth:`VectorDecoder.decode_many` on a bulk of valid float32 vectors;
 * encoding the assignments: the ``%``-template encoder per record against the compiled batch
-  encoder of :mod:`streamkm.records`;
+  encoder of :mod:`streamkm.records`, and a proposed kernel for it (digits by divisions by a
+  constant, checked to write the same bytes);
+* the keys' copy in ``Batcher.add``: element by element against a proposed bulk copy;
 * producing: one ``produce`` call per record, the same through a per-record wrapper with its
   own ``try``/``while`` (the previous code), and confluent-kafka's ``produce_batch`` (which
   needs a dict per record, and takes no headers).
@@ -22,6 +24,7 @@ which is the Python-side cost the daemon pays per record.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import timeit
 from pathlib import Path
@@ -29,10 +32,12 @@ from typing import Any
 
 import numpy as np
 from confluent_kafka import Message, Producer
+from numba import njit
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from streamkm import records  # noqa: E402
 from streamkm.batcher import Batcher  # noqa: E402
 from streamkm.codec import VectorDecoder  # noqa: E402
 from streamkm.records import encode_assignment, encode_assignments  # noqa: E402
@@ -41,6 +46,198 @@ from streamkm.source import Source  # noqa: E402
 N = 1024
 D = 16
 TOPIC = "vectors"
+
+
+# -- proposals, not in streamkm yet ------------------------------------------------------------
+#
+# records._write_assignments with its digits written by divisions by the constant 10 of
+# unsigned integers (a multiply and a shift each): no digit count by repeated division, no
+# division by a variable power of ten in _put_digits. Byte for byte the same records (checked
+# in main). Numba's ints are signed and a mixed uint64/int64 expression becomes float64, hence
+# the np.uint64 constants throughout.
+
+_U10 = np.uint64(10)
+
+
+@njit(cache=False, nogil=True)
+def _p_put_u(buf, pos, v):
+    """Write the decimal digits of uint64 v at pos; return the end."""
+    # count digits by comparison
+    n = 1
+    t = np.uint64(10)
+    while n < 20 and v >= t:
+        n += 1
+        if n == 20:
+            break
+        t = t * _U10
+    i = pos + n
+    while True:
+        i -= 1
+        buf[i] = 48 + np.uint8(v % _U10)
+        v = v // _U10
+        if i == pos:
+            break
+    return pos + n
+
+
+@njit(cache=False, nogil=True)
+def _p_put_i(buf, pos, v):
+    if v < 0:
+        buf[pos] = 45
+        pos += 1
+        if v == -9223372036854775808:
+            return _p_put_u(buf, pos, np.uint64(9223372036854775808))
+        v = -v
+    return _p_put_u(buf, pos, np.uint64(v))
+
+
+@njit(cache=False, nogil=True)
+def _p_put_d(buf, pos, d, nd, dot):
+    """nd digits of uint64 d, a '.' after the first `dot` of them (none if dot >= nd)."""
+    length = nd + (1 if dot < nd else 0)
+    j = nd - 1
+    while j >= 0:
+        q = j + (1 if j >= dot else 0)
+        buf[pos + q] = 48 + np.uint8(d % _U10)
+        d = d // _U10
+        j -= 1
+    if dot < nd:
+        buf[pos + dot] = 46
+    return pos + length
+
+
+@njit(cache=False, nogil=True)
+def _p_put_g9(buf, pos, x, pow10):
+    if x != x or x - x != 0.0:
+        buf[pos] = 110
+        buf[pos + 1] = 117
+        buf[pos + 2] = 108
+        buf[pos + 3] = 108
+        return pos + 4
+    if x == 0.0:
+        if math.copysign(1.0, x) < 0:
+            buf[pos] = 45
+            pos += 1
+        buf[pos] = 48
+        return pos + 1
+    if x < 0:
+        buf[pos] = 45
+        pos += 1
+        x = -x
+    if x < 1e-14 or x >= 1e30:
+        return -1
+    e = int(math.floor(math.log10(x)))  # noqa: RUF046 - an int in compiled code too
+    k = 8 - e
+    y = x * pow10[k] if k >= 0 else x / pow10[-k]
+    if y < 1e8:
+        e -= 1
+        k += 1
+        y = x * pow10[k] if k >= 0 else x / pow10[-k]
+    elif y >= 1e9:
+        e += 1
+        k -= 1
+        y = x * pow10[k] if k >= 0 else x / pow10[-k]
+    f = math.floor(y)
+    frac = y - f
+    if abs(frac - 0.5) < 5e-7:
+        return -1
+    d = int(f)
+    if frac > 0.5:
+        d += 1
+    if d == 1000000000:
+        d = 100000000
+        e += 1
+    if d < 100000000 or d >= 1000000000:
+        return -1
+    u = np.uint64(d)
+    nd = 9
+    while u % _U10 == 0:
+        u = u // _U10
+        nd -= 1
+    if -4 <= e < 9:
+        if e >= 0:
+            if nd <= e + 1:
+                pos = _p_put_d(buf, pos, u, nd, nd)
+                for _ in range(e + 1 - nd):
+                    buf[pos] = 48
+                    pos += 1
+                return pos
+            return _p_put_d(buf, pos, u, nd, e + 1)
+        buf[pos] = 48
+        buf[pos + 1] = 46
+        pos += 2
+        for _ in range(-e - 1):
+            buf[pos] = 48
+            pos += 1
+        return _p_put_d(buf, pos, u, nd, nd)
+    pos = _p_put_d(buf, pos, u, nd, 1)
+    buf[pos] = 101
+    buf[pos + 1] = 45 if e < 0 else 43
+    pos += 2
+    if e < 0:
+        e = -e
+    if e < 10:
+        buf[pos] = 48
+        pos += 1
+    return _p_put_u(buf, pos, np.uint64(e))
+
+
+@njit(cache=False, nogil=True)
+def _p_put(buf, pos, src):
+    for j in range(src.shape[0]):
+        buf[pos + j] = src[j]
+    return pos + src.shape[0]
+
+
+@njit(cache=False, nogil=True)
+def proposed_write_assignments(
+    labels, distances, scores, partitions, offsets, middle, buf, slow, pow10, pairs
+):
+    pos = 0
+    for i in range(labels.shape[0]):
+        pos = _p_put(buf, pos, records._HEAD)
+        pos = _p_put_i(buf, pos, labels[i])
+        pos = _p_put(buf, pos, records._DISTANCE)
+        q = _p_put_g9(buf, pos, distances[i], pow10)
+        if q < 0:
+            slow[i] = True
+            q = pos
+        pos = _p_put(buf, q, records._SCORE)
+        q = _p_put_g9(buf, pos, scores[i], pow10)
+        if q < 0:
+            slow[i] = True
+            q = pos
+        pos = _p_put(buf, q, middle)
+        pos = _p_put_i(buf, pos, partitions[i])
+        pos = _p_put(buf, pos, records._OFFSET)
+        pos = _p_put_i(buf, pos, offsets[i])
+        pos = _p_put(buf, pos, records._TAIL)
+    return pos
+
+
+def proposed_encode(*args: Any) -> list[bytes]:
+    """encode_assignments with the proposed kernel in place of records._write_assignments."""
+    current = records._write_assignments
+    records._write_assignments = proposed_write_assignments
+    try:
+        return encode_assignments(*args)
+    finally:
+        records._write_assignments = current
+
+
+def edge_cases(seed: int = 0, n: int = 20_000) -> tuple[Any, ...]:
+    """Encoder inputs over every magnitude and sign, round values, non-finite, int64 limits."""
+    rng = np.random.default_rng(seed)
+    dist = 10.0 ** rng.uniform(-16, 31, n) * rng.choice([1.0, -1.0], n)
+    dist[::89] = np.round(dist[::89] * 1e3) / 1e3
+    score = rng.random(n) * 10.0 ** rng.integers(-5, 12, n)
+    score[::97] = score[::97].astype(np.float32)
+    score[:8] = [0.0, -0.0, np.nan, np.inf, 1e9, 123456789.0, 1e-5, 100.0]
+    labels = rng.integers(-(2**63), 2**63 - 1, n, dtype=np.int64)
+    labels[:2] = [-(2**63), 2**63 - 1]
+    offsets = rng.integers(0, 2**62, n)
+    offsets[:3] = [0, 10**18, 9_999_999_999]
+    return labels, dist, score, 3, "t", rng.integers(0, 1000, n), offsets
 
 
 def per_record_template(labels, distances, scores, version, topic, partitions, offsets):
@@ -155,6 +352,39 @@ def main() -> int:
     rows.append(
         ("encode: compiled batch encoder", best(lambda: encode_assignments(*args_enc), r, 200))
     )
+    edge = edge_cases()
+    assert proposed_encode(*args_enc) == reference
+    assert proposed_encode(*edge) == encode_assignments(*edge)
+    rows.append(
+        (
+            "encode: proposed, constant-divisor digits",
+            best(lambda: proposed_encode(*args_enc), r, 200),
+        )
+    )
+
+    # Batcher.add copies the keys one by one (a list of equal-length bytes must not become a
+    # 2-D array); the proposal: one slice when all are None, else one np.fromiter.
+    held = np.empty(2 * N, dtype=object)
+    no_keys: list[bytes | None] = [None] * N
+    some_keys: list[bytes | None] = [b"k%07d" % i for i in range(N)]
+
+    def keys_loop(keys: list[bytes | None]) -> None:
+        for j, k in enumerate(keys):
+            held[j] = k
+
+    def keys_bulk(keys: list[bytes | None]) -> None:
+        if keys.count(None) == len(keys):
+            held[: len(keys)] = None
+        else:
+            held[: len(keys)] = np.fromiter(keys, dtype=object, count=len(keys))
+
+    for label, keys in (("no keys", no_keys), ("bytes keys", some_keys)):
+        rows.append(
+            (f"Batcher.add keys, {label}: element-wise", best(lambda k=keys: keys_loop(k), r, 500))
+        )
+        rows.append(
+            (f"Batcher.add keys, {label}: proposed bulk", best(lambda k=keys: keys_bulk(k), r, 500))
+        )
 
     producer = Producer(
         {
