@@ -159,8 +159,8 @@ class App:
                 self.settings.metrics.host, self.settings.metrics.port, self._live, self._ready
             )
             try:
-                self._topics = prepare_topics(self.settings)
                 with self.connected():
+                    self._topics = prepare_topics(self.settings)
                     while not self.stop_event.is_set():
                         self.turn()
                     self._check()

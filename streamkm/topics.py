@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource
 
 from streamkm.config import Settings
 from streamkm.errors import ConfigError
-from streamkm.kafka import admin_config, ensure_topics
+from streamkm.kafka import admin_config, ensure_topics, to_error
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class TopicState:
 
 def input_topic_exists(settings: Settings, timeout_s: float = _TIMEOUT_S) -> bool | None:
     """Whether the input topic exists; None when the brokers do not answer."""
-    admin = AdminClient(admin_config(settings))
+    admin = _admin(admin_config(settings))
     topic = settings.kafka.input_topic
     try:
         # All topics, not this one by name: naming it would create it on brokers with
@@ -66,7 +67,7 @@ def prepare_topics(settings: Settings, timeout_s: float = _TIMEOUT_S) -> TopicSt
     """
     k, t = settings.kafka, settings.topics
     conf = admin_config(settings)
-    admin = AdminClient(conf)
+    admin = _admin(conf)
     try:
         existing = admin.list_topics(timeout=timeout_s).topics
     except KafkaException as exc:
@@ -96,6 +97,13 @@ def prepare_topics(settings: Settings, timeout_s: float = _TIMEOUT_S) -> TopicSt
     if not input_exists:
         log.warning("input topic %s does not exist; waiting for it", k.input_topic)
     return TopicState(checked=True, input_exists=input_exists, created=created)
+
+
+def _admin(conf: dict[str, Any]) -> AdminClient:
+    try:
+        return AdminClient(conf)
+    except KafkaException as exc:
+        raise to_error(exc, "creating the admin client") from None
 
 
 def _refuse_uncompacted(admin: AdminClient, topic: str, timeout_s: float) -> None:
