@@ -418,7 +418,7 @@ class StreamingKMeans(EstimatorShims):
         k = old.shape[0]
         total_w = float(out.wsum.sum())
         self._next_refine = refine.next_refine(
-            self.n_samples_seen_, out.passes, sample.n_live, int(self.batch_size)
+            self.n_samples_seen_, out.passes, sample.n_live, sample.size, int(self.batch_size)
         )
         if not total_w > 0:
             return 0.0

@@ -27,10 +27,20 @@ from streamkm.model import relocation
 
 __all__ = ["LLOYD_PASSES", "REFINE_BUDGET", "Refined", "lloyd", "next_refine", "refine"]
 
-#: Assignment passes over the sample per refinement (the last one measures the result).
+#: Most assignment passes over the sample per refinement (the last one measures the result).
 LLOYD_PASSES = 3
+#: Lloyd stops early when a pass lowers the sample's error by less than this fraction.
+LLOYD_TOL = 0.0
+#: Growth factor of the stream between two refinements while the sample is not full
+#: (None: the budget rule from the start).
+EARLY_FACTOR: float | None = None
 #: Refinement work allowed per unit of stream assignment work.
 REFINE_BUDGET = 0.5
+#: Swaps tried per refinement (each kept only if it lowers the sample's error; the first that
+#: does not ends the search).
+SWAP_TRIES = 1
+#: Lloyd passes after a swap, before its error is compared.
+SWAP_PASSES = 2
 
 #: assign(X, C, d2_second) -> (labels, d2): nearest centroid under the model's centring.
 AssignFn = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], tuple[np.ndarray, np.ndarray]]
@@ -63,9 +73,26 @@ class Refined(NamedTuple):
     swapped: bool
 
 
-def next_refine(n_seen: int, passes: int, rows: int, batch_size: int) -> int:
-    """Stream position of the next refinement after one at ``n_seen`` (see module docstring)."""
-    gap = math.ceil(passes * rows / REFINE_BUDGET)
+def next_refine(n_seen: int, passes: int, rows: int, size: int, batch_size: int) -> int:
+    """Stream position of the next refinement after one at ``n_seen`` (see module docstring).
+
+    Parameters
+    ----------
+    n_seen : int
+        Rows seen so far.
+    passes : int
+        Assignment passes the refinement made.
+    rows : int
+        Rows in the sample.
+    size : int
+        The sample's target size.
+    batch_size : int
+        The model's batch size (the shortest gap).
+    """
+    if EARLY_FACTOR is not None and rows < size:  # the sample holds the whole stream
+        gap = int((EARLY_FACTOR - 1.0) * n_seen)
+    else:
+        gap = math.ceil(passes * rows / REFINE_BUDGET)
     return n_seen + max(int(batch_size), gap)
 
 
@@ -86,13 +113,16 @@ def lloyd(
     C = C.copy()
     prev: np.ndarray | None = None
     made = 0
+    last = math.inf
     while True:
         d2_second = np.empty(X.shape[0])
         labels, d2 = assign(X, C, d2_second)
         made += 1
-        total = kernel.weighted_sums(X, w, labels, d2, sums, wsum, wsse)
-        if made >= passes or (prev is not None and np.array_equal(prev, labels)):
-            return C, labels, d2, d2_second, wsum, wsse, float(total), made
+        total = float(kernel.weighted_sums(X, w, labels, d2, sums, wsum, wsse))
+        stalled = total >= last * (1.0 - LLOYD_TOL)
+        last = total
+        if made >= passes or stalled or (prev is not None and np.array_equal(prev, labels)):
+            return C, labels, d2, d2_second, wsum, wsse, total, made
         hit = wsum > 0
         C[hit] = (sums[hit] / wsum[hit, None]).astype(C.dtype)
         prev = labels.copy()
@@ -125,11 +155,16 @@ def refine(
     """
     C1, labels, d2, d2s, wsum, wsse, total, passes = lloyd(X, w, C, LLOYD_PASSES, assign)
     swapped = False
-    if swap and C.shape[0] >= 2:
-        moved = relocation.swap_on_sample(X, w, C1, labels, d2, d2s, wsum, rng)
-        if moved is not None:
-            C2, labels2, d22, _, wsum2, wsse2, total2, p2 = lloyd(X, w, moved, 2, assign)
-            passes += p2
-            if total2 < total:
-                C1, labels, d2, wsum, wsse, swapped = C2, labels2, d22, wsum2, wsse2, True
+    tries = SWAP_TRIES if swap and C.shape[0] >= 2 else 0
+    for _ in range(tries):
+        proposal = relocation.swap_on_sample(X, w, C1, labels, d2, d2s, wsum, rng)
+        if proposal is None:
+            break
+        moved, forced = proposal
+        C2, labels2, d22, d2s2, wsum2, wsse2, total2, p2 = lloyd(X, w, moved, SWAP_PASSES, assign)
+        passes += p2
+        if not (forced or total2 < total):
+            break
+        C1, labels, d2, d2s, wsum, wsse, total = C2, labels2, d22, d2s2, wsum2, wsse2, total2
+        swapped = True
     return Refined(C1, wsum, wsse, labels, d2, passes, swapped)

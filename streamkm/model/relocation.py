@@ -15,8 +15,9 @@ Two rules, each where it is cheap and cannot cost quality:
 * **A swap, on the sample, at refinement time.** The centroid whose removal costs least (its
   rows' extra error at their second nearest centroid) is offered the best of the k-means++
   candidates; the move is kept only if, after two Lloyd passes, the sample's total error is
-  lower than without it (:func:`streamkm.model.refine.refine`). Empty centroids of the sample
-  are moved the same way. This is how a group that appears mid-stream, or that the
+  lower than without it (:func:`streamkm.model.refine.refine`). Empty centroids of the sample,
+  and those holding less than ``MIN_ROWS`` rows' weight, are moved the same way (a moved
+  centroid must take ``MIN_SHARE`` of an average cluster's weight). This is how a group that appears mid-stream, or that the
   initialisation missed, gets a centroid although none is starved — and, measured on a sample
   of tens of thousands of rows rather than one batch, it never trades a good configuration for a
   worse one on continuous data.
@@ -36,6 +37,9 @@ logger = logging.getLogger(__name__)
 
 #: Least number of rows' worth of weight a moved centroid must take.
 MIN_ROWS = 3.0
+#: On the sample, a moved centroid must also take this share of an average cluster's weight
+#: (a few scattered outliers never hold a centroid).
+MIN_SHARE = 0.005
 #: A swap candidate must remove this many times the error the removal adds.
 SWAP_MARGIN = 1.0
 #: Steps between two swap attempts on the batch.
@@ -148,8 +152,11 @@ def swap_on_sample(
     d2_second: np.ndarray,
     wsum: np.ndarray,
     rng: np.random.Generator,
-) -> np.ndarray | None:
+) -> tuple[np.ndarray, bool] | None:
     """Proposed centroids with the empty ones and the least useful one moved, or None.
+
+    The flag says whether an empty (or nearly empty) centroid was moved: that proposal is
+    kept even when it does not lower the sample's error.
 
     Parameters
     ----------
@@ -170,7 +177,12 @@ def swap_on_sample(
     n_live = int(live.sum())
     if n_live < 2 * MIN_ROWS:
         return None
-    empty = np.flatnonzero(wsum <= 0)
+    total = float(w.sum())
+    few_rows = MIN_ROWS * total / n_live
+    min_captured = max(few_rows, MIN_SHARE * total / k)
+    # a centroid holding fewer than MIN_ROWS rows' weight (a k-means++ seed that landed on a
+    # lone far row, say) serves no group: it is moved like an empty one
+    empty = np.flatnonzero(wsum < few_rows)
     extra = np.where(live, w * (d2_second - d2), 0.0)
     cost = np.bincount(labels, weights=extra, minlength=k)
     cost[empty] = np.inf
@@ -188,7 +200,6 @@ def swap_on_sample(
     gain = np.empty(idx.size)
     captured = np.empty(idx.size)
     cand, best, cum = (np.empty(m) for _ in range(3))
-    min_captured = MIN_ROWS * float(w.sum()) / n_live
     moved = kernel.relocate(
         X,
         w,
@@ -204,4 +215,9 @@ def swap_on_sample(
         best,
         cum,
     )
-    return C_new if moved else None
+    if not moved:
+        return None
+    # moving a centroid that served no group is kept whatever the error says (a centroid on
+    # a lone far row "explains" that row's large error, which a comparison would protect)
+    forced = bool(empty.size) and bool((gain[: empty.size] > 0).any())
+    return C_new, forced

@@ -212,11 +212,16 @@ class Sample:
             "n_free": self.n_free,
             "tau": None if self.tau == -math.inf else self.tau,
         }
+        free = self.free[: self.n_free].copy()
+        lq = self.lq[: self.used].copy()
+        # free slots are marked by -inf in memory; the state lists them in sample_free and
+        # writes 0 in their place, so that every array of a checkpoint is finite
+        lq[free] = 0.0
         arrays = {
             "sample_rows": self.rows[: self.used].copy(),
             "sample_lw": self.lw[: self.used].copy(),
-            "sample_lq": self.lq[: self.used].copy(),
-            "sample_free": self.free[: self.n_free].copy(),
+            "sample_lq": lq,
+            "sample_free": free,
         }
         return meta, arrays
 
@@ -231,5 +236,11 @@ class Sample:
         self.rows[:used] = arrays["sample_rows"]
         self.lw[:used] = arrays["sample_lw"]
         self.lq[:used] = arrays["sample_lq"]
-        self.free[:n_free] = arrays["sample_free"]
+        free = np.asarray(arrays["sample_free"], dtype=np.int64)
+        if free.size and (int(free.min()) < 0 or int(free.max()) >= used):
+            raise ValueError("sample_free lists slots outside the sample")
+        self.free[:n_free] = free
+        self.lq[free] = -math.inf
+        if not np.isfinite(self.lq[:used][self.lq[:used] != -math.inf]).all():
+            raise ValueError("sample priorities are not finite")
         self.used, self.n_free = used, n_free

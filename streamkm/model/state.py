@@ -35,8 +35,8 @@ ARRAYS: dict[str, tuple[str, str, str | None, bool]] = {
     "recent": ("_recent", "k", "float64", False),
     "shift": ("_shift", "d", None, False),
     "sample_rows": ("", "used,d", None, False),
-    "sample_lw": ("", "used", "float64", True),
-    "sample_lq": ("", "used", "float64", True),
+    "sample_lw": ("", "used", "float64", False),
+    "sample_lq": ("", "used", "float64", True),  # -inf in states written before 0.1.1
     "sample_free": ("", "n_free", "int64", False),
 }
 

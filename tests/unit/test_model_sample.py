@@ -1,0 +1,317 @@
+"""StreamingKMeans: the sample, refinement, snapshot/restore, determinism and numerical limits."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from streamkm import limits
+from streamkm.model import StateError, StreamingKMeans, refine, scoring
+from streamkm.model.sample import Sample
+
+pytestmark = pytest.mark.unit
+
+
+def blobs(n, d=4, k=5, seed=0, offset=0.0, spread=1.0, sep=20.0):
+    rng = np.random.default_rng(seed)
+    centres = rng.uniform(-sep, sep, size=(k, d))
+    y = rng.integers(0, k, size=n)
+    X = centres[y] + spread * rng.standard_normal((n, d)) + offset
+    return X.astype(np.float32), y
+
+
+def state_bytes(model: StreamingKMeans) -> tuple[dict, dict[str, bytes]]:
+    meta, arrays = model.to_state()
+    return meta, {name: a.tobytes() + str(a.dtype).encode() for name, a in arrays.items()}
+
+
+def assert_identical(a: StreamingKMeans, b: StreamingKMeans) -> None:
+    ma, aa = state_bytes(a)
+    mb, ab = state_bytes(b)
+    assert ma == mb
+    assert aa == ab
+
+
+# ---------------------------------------------------------------- the sample
+
+
+def test_sample_of_unit_weights_is_uniform_and_bounded():
+    s = Sample(1000, 1, np.float64, None)
+    rng = np.random.default_rng(0)
+    stream = np.arange(100_000, dtype=np.float64)[:, None]
+    for start in range(0, 100_000, 512):
+        xb = stream[start : start + 512]
+        s.offer(xb, np.ones(xb.shape[0]), rng.random(xb.shape[0]), start)
+        assert s.n_live <= s.capacity
+    assert 1000 <= s.n_live <= 1250
+    live = s.lq[: s.used] > -math.inf
+    kept = s.rows[: s.used][live, 0]
+    assert np.unique(kept).size == kept.size
+    # a uniform draw of the stream: each tenth of the stream holds about a tenth of the rows
+    counts = np.histogram(kept, bins=10, range=(0, 100_000))[0]
+    assert counts.min() > 0.6 * kept.size / 10
+    w = s.weights(100_000.0)[live]
+    assert np.allclose(w, w[0])  # every row stands for the same weight
+
+
+def test_sample_with_half_life_holds_the_recent_stream():
+    h = 2000.0
+    s = Sample(1000, 1, np.float64, h)
+    rng = np.random.default_rng(1)
+    n = 50_000
+    stream = np.arange(n, dtype=np.float64)[:, None]
+    for start in range(0, n, 500):
+        s.offer(stream[start : start + 500], np.ones(500), rng.random(500), start)
+    live = s.lq[: s.used] > -math.inf
+    ages = n - s.rows[: s.used][live, 0]
+    w = s.weights(float(n))[live]
+    # the weighted mean age of a decayed stream is h / ln 2
+    mean_age = float(np.dot(w, ages) / w.sum())
+    assert mean_age == pytest.approx(h / math.log(2), rel=0.2)
+
+
+def test_weighted_rows_are_sampled_in_proportion():
+    s = Sample(2000, 1, np.float64, None)
+    rng = np.random.default_rng(2)
+    n = 40_000
+    label = (np.arange(n) % 2).astype(np.float64)[:, None]  # odd rows weigh 3
+    w = np.where(label[:, 0] == 1, 3.0, 1.0)
+    for start in range(0, n, 1000):
+        s.offer(
+            label[start : start + 1000],
+            w[start : start + 1000],
+            rng.random(1000),
+            start,
+        )
+    live = s.lq[: s.used] > -math.inf
+    ws = s.weights(float(n))[live]
+    heavy = s.rows[: s.used][live, 0] == 1
+    share = ws[heavy].sum() / ws.sum()
+    assert share == pytest.approx(0.75, abs=0.03)
+
+
+def test_memory_is_bounded_and_reported():
+    rng = np.random.default_rng(3)
+    model = StreamingKMeans(4, batch_size=1000, sample_size=2000, random_state=0)
+    for _ in range(30):
+        model.partial_fit(rng.normal(size=(1000, 16)).astype(np.float32))
+    assert model._sample.n_live <= model._sample.capacity == 2500
+    assert model._sample.rows.shape[0] <= 2500
+    assert model.nbytes() == 4 * 16 * 4 + 3 * 4 * 8 + 16 * 4 + 2500 * (16 * 4 + 24)
+    assert StreamingKMeans(8).sample_size == 32768
+
+
+# ---------------------------------------------------------------- refinement
+
+
+def test_refinement_reaches_a_lloyd_fixed_point_and_keeps_counts_consistent():
+    X, _ = blobs(6000, k=6, sep=6.0, seed=4)
+    model = StreamingKMeans(6, batch_size=500, random_state=0)
+    for start in range(0, 6000, 500):
+        model.partial_fit(X[start : start + 500])
+    assert model.n_refines_ >= 2
+    assert model.counts_.sum() == pytest.approx(6000, rel=1e-9)
+    assert np.isfinite(model.cluster_mse_).all()
+    # one more Lloyd step on the whole data barely moves the centroids
+    labels = model.predict(X)
+    C = np.array([X[labels == j].mean(0) for j in range(6)])
+    assert np.abs(C - model.cluster_centers_).max() < 0.1
+
+
+def test_refinement_is_off_without_a_sample():
+    X, _ = blobs(4000, seed=5)
+    model = StreamingKMeans(5, batch_size=500, sample_size=0, random_state=0)
+    for start in range(0, 4000, 500):
+        model.partial_fit(X[start : start + 500])
+    assert model.n_refines_ == 0 and model._sample.n_live == 0
+
+
+def test_schedule_keeps_refinement_within_its_budget(monkeypatch):
+    gap = math.ceil(3 * 4096 / refine.REFINE_BUDGET)
+    assert refine.next_refine(4096, 3, 4096, 32768, 1024) == 4096 + gap
+    assert refine.next_refine(100, 1, 10, 32768, 1024) == 1124  # never closer than a batch
+    full = refine.next_refine(40_000, 3, 32768, 32768, 1024)
+    assert full == 40_000 + math.ceil(3 * 32768 / refine.REFINE_BUDGET)
+    # optional geometric schedule while the sample holds the whole stream
+    monkeypatch.setattr(refine, "EARLY_FACTOR", 2.0)
+    assert refine.next_refine(4096, 3, 4096, 32768, 1024) == 8192
+    assert refine.next_refine(40_000, 3, 32768, 32768, 1024) == full
+
+
+def test_refinement_beats_the_streaming_average_on_continuous_data():
+    rng = np.random.default_rng(6)
+    X = rng.uniform(0, 1, size=(20_000, 2)).astype(np.float32) ** 2
+    kw = dict(batch_size=1000, random_state=0)
+    refined = StreamingKMeans(16, **kw)
+    plain = StreamingKMeans(16, sample_size=0, **kw)
+    for start in range(0, 20_000, 1000):
+        refined.partial_fit(X[start : start + 1000])
+        plain.partial_fit(X[start : start + 1000])
+    assert -refined.score(X) < 0.99 * -plain.score(X)
+
+
+# ---------------------------------------------------------------- determinism, persistence
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(half_life=3000.0, dtype=np.float64)])
+def test_save_load_mid_stream_continues_bit_for_bit(tmp_path, kw):
+    X, _ = blobs(20 * 600, seed=7)
+    weights = np.random.default_rng(0).uniform(0.5, 2.0, size=X.shape[0])
+    batches = [(X[i * 600 : (i + 1) * 600], weights[i * 600 : (i + 1) * 600]) for i in range(20)]
+    # a sample small enough to fill, evict and reuse slots within the stream
+    params = dict(batch_size=600, sample_size=1500, random_state=11, **kw)
+    a = StreamingKMeans(5, **params)
+    for xb, wb in batches:
+        a.step(xb, sample_weight=wb)
+    b = StreamingKMeans(5, **params)
+    for xb, wb in batches[:10]:
+        b.step(xb, sample_weight=wb)
+    assert b._sample.n_free > 0 or b._sample.tau > -math.inf  # evictions happened
+    b.save(tmp_path / "mid.npz")
+    b = StreamingKMeans.load(tmp_path / "mid.npz")
+    for xb, wb in batches[10:]:
+        b.step(xb, sample_weight=wb)
+    np.testing.assert_array_equal(a.cluster_centers_, b.cluster_centers_)
+    np.testing.assert_array_equal(a.counts_, b.counts_)
+    sa, sb = a._sample, b._sample
+    assert (sa.used, sa.n_free, sa.tau) == (sb.used, sb.n_free, sb.tau)
+    np.testing.assert_array_equal(sa.rows[: sa.used], sb.rows[: sb.used])
+    np.testing.assert_array_equal(sa.lq[: sa.used], sb.lq[: sb.used])
+    assert_identical(a, b)
+
+
+def test_version_1_states_still_load():
+    X, _ = blobs(3000, seed=8)
+    model = StreamingKMeans(5, batch_size=500, random_state=0).fit(X)
+    meta, arrays = model.to_state()
+    v1 = {k: v for k, v in meta.items() if k not in ("sample", "next_refine", "n_refines")}
+    v1["state_version"] = 1
+    old = {k: arrays[k] for k in ("centroids", "counts", "sse", "recent")}
+    twin = StreamingKMeans.from_state(v1, old)
+    np.testing.assert_array_equal(twin.predict(X), model.predict(X))
+    twin.partial_fit(X[:500])
+    assert twin._sample.n_live == 500
+
+
+# ---------------------------------------------------------------- snapshot / restore
+
+
+def test_restore_undoes_steps_bit_for_bit_and_replays_identically():
+    X, _ = blobs(12 * 400, seed=9)
+    model = StreamingKMeans(5, batch_size=400, sample_size=900, random_state=3)
+    twin = StreamingKMeans(5, batch_size=400, sample_size=900, random_state=3)
+    for i in range(12):
+        xb = X[i * 400 : (i + 1) * 400]
+        before = state_bytes(model) if i else None
+        snap = model.snapshot()
+        first = model.step(xb)
+        model.restore(snap)  # as after an aborted transaction
+        if before is not None:
+            assert state_bytes(model) == before
+        again = model.step(xb)  # the redo gives the same result
+        for u, v in zip(first, again, strict=True):
+            np.testing.assert_array_equal(u, v)
+        twin.step(xb)
+    assert model.n_refines_ >= 2 and model._sample.tau > -math.inf
+    assert_identical(model, twin)
+
+
+def test_snapshot_cost_does_not_grow_with_the_sample():
+    rng = np.random.default_rng(10)
+    model = StreamingKMeans(4, batch_size=256, sample_size=50_000, random_state=0)
+    for _ in range(40):
+        model.partial_fit(rng.normal(size=(256, 8)).astype(np.float32))
+    snap = model.snapshot()
+    copied = sum(a.nbytes for a in snap.arrays.values())
+    assert copied < 4 * 8 * 4 * 10  # centroids and per-centroid statistics only
+    model.partial_fit(rng.normal(size=(256, 8)).astype(np.float32))
+    logged = sum(old.nbytes for _, _, old in model._sample._log or [])
+    assert logged <= 256 * (8 * 4 + 16)  # at most the rows this step wrote
+
+
+def test_restore_before_the_first_batch_and_stale_snapshots():
+    X, _ = blobs(600, seed=11)
+    model = StreamingKMeans(5, random_state=0)
+    snap = model.snapshot()
+    model.step(X)
+    model.restore(snap)
+    assert not hasattr(model, "cluster_centers_")
+    model.step(X)
+    old = model.snapshot()
+    model.snapshot()
+    with pytest.raises(ValueError, match="latest snapshot"):
+        model.restore(old)
+
+
+# ---------------------------------------------------------------- numerics
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3, 1e4])
+def test_assignment_keeps_its_accuracy_far_from_the_origin(offset):
+    rng = np.random.default_rng(12)
+    y = rng.integers(0, 2, size=20_000)
+    X = np.stack([y * 3.0, np.zeros_like(y)], axis=1) + rng.normal(size=(20_000, 2)) * 0.3
+    X = (X + offset).astype(np.float32)
+    model = StreamingKMeans(2, batch_size=1000, random_state=0)
+    for start in range(0, 20_000, 1000):
+        result = model.step(X[start : start + 1000])
+    labels = model.predict(X)
+    acc = max(np.mean(labels == y), np.mean(labels != y))
+    assert acc > 0.99
+    # distinct points are never at distance exactly 0
+    assert np.count_nonzero(result.distances == 0.0) == 0
+    assert np.isfinite(result.scores).all()
+
+
+def test_scores_of_degenerate_clusters_are_finite_bounded_and_monotone():
+    X = np.full((3000, 3), 7.0, dtype=np.float32)
+    model = StreamingKMeans(2, batch_size=500, random_state=0)
+    for start in range(0, 3000, 500):
+        model.step(X[start : start + 500])
+    far = np.array([[7.0 + r, 7.0, 7.0] for r in (0.0, 1e-3, 1e-2, 1.0, 1e3, 2e5)], np.float32)
+    s = model.anomaly_score(far)
+    assert np.isfinite(s).all() and (s >= 0).all() and (s <= scoring.SCORE_MAX).all()
+    assert np.all(np.diff(s) >= 0) and s[0] < 1.0 < s[1]
+    # a tiny but real spread: scores grow with the distance and stay below the cap nearby
+    rng = np.random.default_rng(13)
+    tight = (rng.normal(size=(3000, 3)) * 1e-4 + 5.0).astype(np.float32)
+    model = StreamingKMeans(1, batch_size=500, random_state=0).fit(tight)
+    probe = np.array([[5.0 + r, 5.0, 5.0] for r in (1e-4, 1e-3, 1e-2, 0.1)], np.float32)
+    t = model.anomaly_score(probe)
+    assert np.all(np.diff(t) > 0) and t[-1] <= scoring.SCORE_MAX and t[0] < 10
+
+
+def test_rows_beyond_the_range_rule_are_refused_and_nothing_overflows():
+    bound = limits.max_sq_norm(np.float32)
+    edge = math.sqrt(bound / 4) * 0.999  # at d = 4 a row of this value sits just inside
+    assert 2 * edge > 4e18  # the row's norm
+    rng = np.random.default_rng(14)
+    X = (rng.normal(size=(2000, 4)) * edge / 4).astype(np.float32)
+    X[::97] = np.float32(edge)
+    X[1::97] = np.float32(-edge)
+    model = StreamingKMeans(3, batch_size=500, random_state=0)
+    for start in range(0, 2000, 500):
+        r = model.step(X[start : start + 500])
+        assert np.isfinite(r.distances).all() and np.isfinite(r.scores).all()
+    assert np.isfinite(model.cluster_centers_).all() and np.isfinite(model._sse).all()
+    assert math.isfinite(model.inertia_)
+    model.to_state()  # finite, so accepted
+    over = np.full((1, 4), np.float32(edge * 1.01))
+    with pytest.raises(ValueError, match="squared norm above"):
+        model.step(over)
+    with pytest.raises(ValueError, match="squared norm above"):
+        StreamingKMeans(1).fit(np.full((3, 4), 1.3e38, dtype=np.float32))
+
+
+def test_a_non_finite_state_is_refused():
+    X, _ = blobs(1000, seed=15)
+    model = StreamingKMeans(5, random_state=0).fit(X)
+    model._sse[0] = np.inf
+    with pytest.raises(StateError, match="sse"):
+        model.to_state()
+    model._sse[0] = 1.0
+    model.cluster_centers_[1, 0] = np.nan
+    with pytest.raises(StateError, match="centroids"):
+        model.to_state()
