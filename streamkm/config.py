@@ -117,6 +117,7 @@ class ModelSettings(_Section):
     init_size: int | None = Field(default=None, ge=1)
     half_life: float | None = Field(default=None, gt=0)
     reassignment_ratio: float = Field(default=0.01, ge=0)
+    sample_size: int = Field(default=32768, ge=0)
     seed: int | None = Field(default=None, ge=0)
 
     @field_validator("init")

@@ -134,6 +134,7 @@ class KMeansLearner:
             init_size=cfg.effective_init_size,
             half_life=cfg.half_life,
             reassignment_ratio=cfg.reassignment_ratio,
+            sample_size=cfg.sample_size,
             random_state=cfg.seed,
             dtype=np.float32,
         )
