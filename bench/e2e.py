@@ -367,11 +367,17 @@ class Bench:
 
     def output_times(self, dst: str, n: int) -> tuple[int, int]:
         """Append times (ms) of the first and the n-th output, over all partitions."""
-        ends = self.highs(dst)
-        msgs = self.read(dst, {q: (0, e) for q, e in enumerate(ends)})
-        ts = np.fromiter((t for _, t in map(Message.timestamp, msgs)), dtype=np.int64)
-        if ts.size < n:
-            raise AssertionError(f"{dst} holds {ts.size} records, {n} expected")
+        # commit_transaction returns before the commit markers are written: a read_committed
+        # reader may see the last committed transaction a moment later. Read again then.
+        for attempt in range(20):
+            ends = self.highs(dst)
+            msgs = self.read(dst, {q: (0, e) for q, e in enumerate(ends)})
+            ts = np.fromiter((t for _, t in map(Message.timestamp, msgs)), dtype=np.int64)
+            if ts.size >= n:
+                break
+            if attempt == 19:
+                raise AssertionError(f"{dst} holds {ts.size} records, {n} expected")
+            time.sleep(0.25)
         ts.sort()
         return int(ts[0]), int(ts[n - 1])
 
