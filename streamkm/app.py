@@ -31,6 +31,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -62,6 +63,22 @@ EXIT_ERROR = 1
 _POLL_MAX_S = 0.5
 _LAG_EVERY_S = 1.0
 _TOPIC_CHECK_S = 10.0
+
+
+@dataclass
+class _OpenTransaction:
+    """Exactly-once: the batches in the open transaction (several within transaction_ms)."""
+
+    snapshot: Any  # the model before the first of them
+    started: float
+    begun: bool = False
+    first: dict[TopicPart, int] = field(default_factory=dict)  # where to read them again
+    after: dict[TopicPart, int] = field(default_factory=dict)  # the offsets to commit
+
+    def add(self, first: Mapping[TopicPart, int], after: Mapping[TopicPart, int]) -> None:
+        for key, o in first.items():
+            self.first.setdefault(key, o)
+        self.after.update(after)
 
 
 class App:
@@ -129,6 +146,7 @@ class App:
         self._checkpointed_version = -1
         self._next_lag = 0.0
         self._next_sync_send = 0.0
+        self._open_txn: _OpenTransaction | None = None
         self._topics: TopicState | None = None  # set by run(); None in embedded use
         self._next_topic_check = 0.0
         max_wait_s = model_cfg.max_batch_wait_ms / 1000.0
@@ -265,9 +283,10 @@ class App:
             # count their wait only from then: with nothing buffered, keep that wait a small
             # part of max_batch_wait_ms so a quiet stream still meets its latency bound.
             timeout = min(_POLL_MAX_S, self._idle_wait_s if due is None else due)
+            began = time.monotonic()
             bulk = source.consume(need, timeout)
             if bulk is not None:
-                self._take(bulk)
+                self._take(bulk, began)
         sink.poll()
         self._check()
         sync = self._sync()
@@ -276,6 +295,7 @@ class App:
                 self.metrics.record_model(self.learner.estimator)
             self._rewind_rejected(sync)
         self.process(force=False)
+        self._commit_if_due(force=False)
         self._send_held(sync, force=False)
         if self.checkpointer.due():
             self.checkpoint()
@@ -382,12 +402,15 @@ class App:
 
     # -- batches -------------------------------------------------------------------------
 
-    def _take(self, bulk: Bulk) -> None:
+    def _take(self, bulk: Bulk, began: float) -> None:
         self.offsets.consumed(bulk.first, bulk.next)
         if len(bulk):
+            # Rows count their wait from the consume call, not from its return: a quiet
+            # stream's rows may have waited most of that call's timeout already.
             self.batcher.add(
-                bulk.X, self.settings.kafka.input_topic, bulk.partitions, bulk.offsets, bulk.keys
-            )
+                bulk.X, self.settings.kafka.input_topic, bulk.partitions, bulk.offsets,
+                bulk.keys, arrived=began,
+            )  # fmt: skip
         if bulk.dead:
             self._dead.extend(bulk.dead)
         self.metrics.messages_consumed.inc(bulk.n_messages)
@@ -412,13 +435,17 @@ class App:
         self._run_batch(self.batcher.take(max_rows=rows))
 
     def _run_batch(self, batch: Batch) -> None:
-        """Label, learn, publish and (exactly-once) commit one batch; redo it if aborted."""
-        source, sink = self._parts()
+        """Label, learn and publish one batch; exactly-once, inside the open transaction
+        (begun here if none is), which commits once it is ``delivery.transaction_ms`` old."""
+        _, sink = self._parts()
         txn = self._txn()
         dead, self._dead = self._dead, []
         first, after = self.offsets.take_pending()
         learner = self.learner
-        snapshot = learner.snapshot() if txn is not None else None
+        if txn is not None and self._open_txn is None:
+            # Undo point of the whole transaction: the model as it was before its first batch.
+            self._open_txn = _OpenTransaction(learner.snapshot(), time.monotonic())
+        open_txn = self._open_txn
         t0 = time.perf_counter()
         result = learner.step(batch.X) if len(batch) else None
         t1 = time.perf_counter()
@@ -426,26 +453,26 @@ class App:
         emit = self.offsets.emit_mask(topic, batch.partitions, batch.offsets)
         fresh = [d for d in dead if not self.offsets.replayed(d.topic, d.partition, d.offset)]
         try:
-            if txn is not None:
-                txn.begin()
+            if open_txn is not None:
+                open_txn.add(first, after)
+                if not open_txn.begun:
+                    txn.begin()
+                    open_txn.begun = True
             n_out = sink.publish(batch, result, fresh, version=learner.version, emit=emit)
             sync = self._sync()
             if sync is not None:
                 deltas = self._batch_deltas(batch, result, first, after)
                 if txn is not None:
-                    sync.send(deltas)  # in this batch's transaction, with its offsets
+                    sync.send(deltas)  # in the transaction, with this batch's offsets
                 else:
                     self._deltas.hold(deltas)
-            if txn is not None:
-                txn.commit(self.offsets.transaction_offsets(after), source.group_metadata())
+            if open_txn is None:
+                self.offsets.batch_done(after)
+            else:
+                self._commit_if_due(force=False)
         except TransactionAborted as abort:
-            log.warning("transaction aborted (%s); rewinding and redoing the batch", abort)
-            learner.restore(snapshot)
-            for key, o in first.items():
-                self._deltas.sent_until[key] = o  # the aborted deltas never reached the log
-            source.seek(self.offsets.rewind_targets(first))
+            self._redo(abort)
             return
-        self.offsets.batch_done(after)
         m = self.metrics
         m.observe_stage("model", t1 - t0)
         m.observe_stage("produce", time.perf_counter() - t1)
@@ -456,6 +483,45 @@ class App:
         if result is not None:
             m.record_model(learner.estimator)
         self.checkpointer.batch_done(learner.estimator if result is not None else None)
+
+    def _commit_if_due(self, force: bool) -> None:
+        """Exactly-once: commit the open transaction (its outputs and input offsets) when it
+        is ``delivery.transaction_ms`` old, or now with ``force``."""
+        open_txn = self._open_txn
+        if open_txn is None:
+            return
+        window = self.settings.delivery.transaction_ms / 1000.0
+        if not force and time.monotonic() - open_txn.started < window:
+            return
+        source, _ = self._parts()
+        txn = self._txn()
+        try:
+            txn.commit(self.offsets.transaction_offsets(open_txn.after), source.group_metadata())
+        except TransactionAborted as abort:
+            self._redo(abort)
+            return
+        self._open_txn = None
+        self.offsets.batch_done(open_txn.after)
+
+    def _redo(self, abort: TransactionAborted) -> None:
+        """The open transaction was aborted: undo its batches and read them again."""
+        open_txn, self._open_txn = self._open_txn, None
+        assert open_txn is not None
+        log.warning("transaction aborted (%s); rewinding and redoing its batches", abort)
+        self.learner.restore(open_txn.snapshot)
+        for key, o in open_txn.first.items():
+            self._deltas.sent_until[key] = o  # the aborted deltas never reached the log
+        # What was consumed after those batches is read again too: drop it, and seek each
+        # partition to the first offset of either.
+        pending_first, _ = self.offsets.take_pending()
+        if len(self.batcher):
+            self.batcher.take(max_rows=len(self.batcher))
+        self._dead = []
+        targets = dict(pending_first)
+        for key, o in open_txn.first.items():
+            targets[key] = min(o, targets.get(key, o))
+        source, _ = self._parts()
+        source.seek(self.offsets.rewind_targets(targets))
 
     def _forget(self, gone: Iterable[TopicPart]) -> None:
         """Drop consumed-but-unprocessed input of partitions this instance no longer owns.
@@ -528,6 +594,7 @@ class App:
         if not self.learner.fitted or not changed:
             cp.reset()
             return
+        self._commit_if_due(force=True)  # a checkpoint holds committed input only
         source, sink = self._parts()
         t0 = time.perf_counter()
         self._send_held(self._sync(), force=True)
@@ -557,6 +624,10 @@ class App:
     def _check(self) -> None:
         self.health.raise_if_fatal()
         _, sink = self._parts()
+        if self._open_txn is not None and sink.reports.failures:
+            # A record of the open transaction failed: its commit fails too, so try it now;
+            # the abort that follows redoes the batches (and forgets the failures).
+            self._commit_if_due(force=True)
         sink.check()
 
     def _check_group(self) -> None:

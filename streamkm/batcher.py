@@ -141,6 +141,7 @@ class Batcher:
         offsets: Sequence[int] | np.ndarray,
         keys: Sequence[bytes | None] | np.ndarray | None = None,
         timestamps: Sequence[int] | np.ndarray | None = None,
+        arrived: float | None = None,
     ) -> None:
         """Append rows with their source.
 
@@ -158,6 +159,9 @@ class Batcher:
             Message key per row; None means no keys.
         timestamps : sequence of int, optional
             Message timestamps in ms; None means unknown (-1).
+        arrived : float, optional
+            When the rows arrived, on the batcher's clock (default: now). The daemon passes
+            the moment its consume call began, so a wait inside that call counts too.
         """
         X = np.asarray(X)
         if X.ndim != 2:
@@ -187,7 +191,7 @@ class Batcher:
             for j, k in enumerate(keys):
                 self._keys[lo + j] = k
         self._timestamps[lo:hi] = -1 if timestamps is None else timestamps
-        self._arrived[lo:hi] = self._clock()
+        self._arrived[lo:hi] = self._clock() if arrived is None else arrived
         self._end = hi
 
     def _reserve(self, n: int) -> None:

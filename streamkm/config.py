@@ -188,6 +188,8 @@ class DeliverySettings(_Section):
 
     guarantee: Literal["at-least-once", "exactly-once"] = "at-least-once"
     instance_id: str = "0"
+    # Exactly-once: batches go into one transaction until it is this old (0: one per batch).
+    transaction_ms: int = Field(default=100, ge=0)
 
 
 class LogSettings(_Section):

@@ -57,7 +57,7 @@ def test_an_aborted_transaction_is_rewound_and_redone(
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             d.assert_running()  # an abort used to end the process 21 ms later
-            if d.log_path.read_text().count("rewinding and redoing the batch") >= 3:
+            if d.log_path.read_text().count("rewinding and redoing its batches") >= 3:
                 break
             time.sleep(0.2)
         else:

@@ -147,6 +147,7 @@ def make_app(
     consumer: FakeConsumer,
     guarantee: str = "exactly-once",
     own_registry: bool = True,
+    transaction_ms: int = 0,
 ) -> App:
     settings = Settings.model_validate(
         {
@@ -154,7 +155,7 @@ def make_app(
             "input": {"format": "float32", "dim": DIM},
             "model": {"n_clusters": 2, "batch_size": 4, "init_size": 4, "seed": 0},
             "checkpoint": {"dir": str(tmp_path / "ckpt")},
-            "delivery": {"guarantee": guarantee},
+            "delivery": {"guarantee": guarantee, "transaction_ms": transaction_ms},
         }
     )
 
@@ -220,6 +221,35 @@ def test_abortable_commit_aborts_restores_the_model_and_rewinds(tmp_path: Path) 
         assert app.offsets.positions == {("in", 0): 8}
         assert app.model.n_samples_seen_ == 8
         assert offsets_of(producer.values()) == list(range(8))
+
+
+def test_a_transaction_spans_batches_and_an_abort_redoes_them_all(tmp_path: Path) -> None:
+    producer, consumer = FakeProducer(), FakeConsumer()
+    app = make_app(tmp_path, producer, consumer, transaction_ms=60_000)
+    with app.connected():
+        consumer.assign(0)
+        consumer.queue = messages(0, 4)
+        app.turn()  # seeds; its transaction stays open (60 s window)
+        app.checkpoint()  # a checkpoint commits it first: it holds committed input only
+        assert producer.calls[-3:] == ["offsets 0:4", "commit", "flush"]
+        centres, steps = app.model.cluster_centers_.copy(), app.model.n_steps_
+        consumer.queue = messages(4, 8)
+        app.turn()
+        app.turn()  # two batches in one open transaction
+        assert producer.calls.count("begin") == 2 and producer.calls[-1] == "begin"
+        assert app.offsets.positions == {("in", 0): 4}  # nothing counts until the commit
+        producer.fail = [KafkaError(KafkaError._STATE, "abortable", txn_requires_abort=True)]
+        app.checkpoint()  # the commit fails: both batches are undone and read again
+        assert producer.calls[-2:] == ["abort", "flush"] and consumer.seeks == [(0, 4)]
+        assert app.model.n_steps_ == steps
+        np.testing.assert_array_equal(app.model.cluster_centers_, centres)
+        consumer.queue = messages(4, 8)
+        app.turn()
+        app.turn()
+        app.checkpoint()
+        assert producer.calls[-3:] == ["offsets 0:12", "commit", "flush"]
+        assert offsets_of(producer.values()) == list(range(12))
+        assert app.model.n_samples_seen_ == 12
 
 
 def test_retriable_commit_is_retried_and_fencing_is_fatal(tmp_path: Path) -> None:

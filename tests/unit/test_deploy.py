@@ -105,7 +105,7 @@ SETTINGS: dict[str, set[str]] = {
     "checkpoint": {"dir", "interval_s", "every_batches", "keep"},
     "topics": {"create", "partitions", "replication_factor", "output", "dead_letter", "model"},
     "metrics": {"host", "port"},
-    "delivery": {"guarantee", "instance_id"},
+    "delivery": {"guarantee", "instance_id", "transaction_ms"},
     "log": {"level", "format"},
 }
 
