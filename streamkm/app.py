@@ -63,6 +63,24 @@ EXIT_ERROR = 1
 _POLL_MAX_S = 0.5
 _LAG_EVERY_S = 1.0
 _TOPIC_CHECK_S = 10.0
+# Valid messages that must agree on a width before it becomes the input's dimension.
+DIM_QUORUM = 8
+
+
+@dataclass
+class _DimProbe:
+    """Widths of the first valid messages while ``input.dim`` is unknown."""
+
+    first: dict[TopicPart, int] = field(default_factory=dict)  # where to read them again
+    votes: dict[int, int] = field(default_factory=dict)
+
+    def winner(self) -> tuple[int, int] | None:
+        """The width held by at least DIM_QUORUM messages and by more than all others."""
+        if not self.votes:
+            return None
+        width, n = max(self.votes.items(), key=lambda wn: wn[1])
+        others = sum(self.votes.values()) - n
+        return (width, n) if n >= DIM_QUORUM and n > others else None
 
 
 @dataclass
@@ -147,6 +165,7 @@ class App:
         self._next_lag = 0.0
         self._next_sync_send = 0.0
         self._open_txn: _OpenTransaction | None = None
+        self._dim_probe = _DimProbe()
         self._topics: TopicState | None = None  # set by run(); None in embedded use
         self._next_topic_check = 0.0
         max_wait_s = model_cfg.max_batch_wait_ms / 1000.0
@@ -277,7 +296,9 @@ class App:
         source, sink = self._parts()
         self.health.beat()
         need = self._rows_needed()
-        if need > 0:
+        if need > 0 and self.decoder.dim is None:
+            self._infer_dim(source, source.consume_messages(need, self._idle_wait_s))
+        elif need > 0:
             due = self.batcher.time_until_due()
             # consume() waits until it has `need` messages or the timeout passes, and rows
             # count their wait only from then: with nothing buffered, keep that wait a small
@@ -332,6 +353,29 @@ class App:
         if any(lags.values()) and source.newest_ms is not None:
             seconds = max(0.0, time.time() - source.newest_ms / 1000.0)
         m.set_lag({(t, str(p)): float(v) for (t, p), v in lags.items()}, seconds)
+
+    def _infer_dim(self, source: Any, messages: list[Any]) -> None:
+        """``input.dim`` unset and no checkpoint: count the widths of the first valid messages
+        (without keeping them) until one width has a quorum, then read them all again from
+        the first offsets seen. A stray message cannot fix the dimension on its own."""
+        probe = self._dim_probe
+        for m in messages:
+            key = (m.topic(), m.partition())
+            probe.first.setdefault(key, m.offset())
+            width = self.decoder.width(m.value())
+            if width is not None:
+                probe.votes[width] = probe.votes.get(width, 0) + 1
+        winner = probe.winner()
+        if winner is None:
+            return
+        width, votes = winner
+        log.info(
+            "input dimension %d inferred from %d of the first %d valid messages "
+            "(set input.dim to fix it in advance)", width, votes, sum(probe.votes.values()),
+        )  # fmt: skip
+        self.decoder.dim = width
+        source.seek(self.offsets.rewind_targets(probe.first))
+        self._dim_probe = _DimProbe()
 
     # -- the rebalance listener (streamkm.source.AssignmentListener) -----------------------
 
@@ -396,6 +440,8 @@ class App:
         self._let_go(partitions)
 
     def _let_go(self, partitions: list[TopicPart]) -> None:
+        for key in partitions:
+            self._dim_probe.first.pop(key, None)
         self.offsets.let_go(partitions)
         for key in partitions:
             self._deltas.forget(key)
@@ -676,6 +722,13 @@ class App:
 
     def _ready(self) -> tuple[bool, str]:
         topics = self._topics
+        if self.offsets.assigned and self.decoder.dim is None:
+            votes = self._dim_probe.votes
+            best = max(votes.values(), default=0)
+            return False, (
+                f"inferring the input dimension: {best} of {sum(votes.values())} valid messages "
+                f"agree, {DIM_QUORUM} (and a majority) needed; or set input.dim"
+            )
         missing = topics is not None and topics.checked and not topics.input_exists
         if not self.offsets.assigned and missing:
             topic = self.settings.kafka.input_topic

@@ -137,6 +137,13 @@ class VectorDecoder:
                 raise ValueError(f"dim must be positive, got {value}")
         self._dim = value
 
+    def width(self, value: bytes | None) -> int | None:
+        """How many values ``value`` holds if it is a valid vector of any dimension, else None
+        (what the daemon counts to infer the dimension; ``dim`` is left alone)."""
+        probe = VectorDecoder(self.fmt, None, self.json_field, self.max_bytes, self.dtype)
+        X, ok, _ = probe.decode_many([value])
+        return int(X.shape[1]) if len(ok) else None
+
     def decode(self, value: bytes | None) -> np.ndarray:
         """Decode one value into a vector of shape ``(dim,)``.
 
@@ -304,7 +311,7 @@ class VectorDecoder:
                         first = (i, width)
             if first is not None:
                 dim = self._dim = first[1]
-                logger.info("vector dimension fixed to %d by the first valid message", dim)
+                logger.debug("vector dimension fixed to %d by the first valid message", dim)
 
         X = np.empty((0, dim or 0), dtype=self.dtype)
         ok_index = np.empty(0, dtype=np.int64)

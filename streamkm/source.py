@@ -214,21 +214,26 @@ class Source:
         KafkaClientError
             On a fatal consumer error (or a failure in a rebalance callback).
         """
+        messages = self.consume_messages(max_messages, timeout)
+        if not messages:
+            return None
+        return self._bulk(messages)
+
+    def consume_messages(self, max_messages: int, timeout: float) -> list[Any]:
+        """Consume up to ``max_messages`` and return them undecoded (errors handled)."""
         try:
             messages = self.consumer.consume(num_messages=max_messages, timeout=timeout)
         except KafkaException as exc:
             raise to_error(exc, "consuming") from None
         self._raise_failure()
         if not messages:
-            return None
+            return []
         ts_type, ts = messages[-1].timestamp()
         if ts_type and ts > 0:
             self.newest_ms = ts
         if any(map(_error, messages)):
             messages = self._without_errors(messages)
-            if not messages:
-                return None
-        return self._bulk(messages)
+        return messages
 
     def _bulk(self, messages: list[Any]) -> Bulk:
         t0 = time.perf_counter()

@@ -148,11 +148,12 @@ def make_app(
     guarantee: str = "exactly-once",
     own_registry: bool = True,
     transaction_ms: int = 0,
+    dim: int | None = DIM,
 ) -> App:
     settings = Settings.model_validate(
         {
             "kafka": {"input_topic": "in", "output_topic": "out", "dead_letter_topic": "dead"},
-            "input": {"format": "float32", "dim": DIM},
+            "input": {"format": "float32", "dim": dim},
             "model": {"n_clusters": 2, "batch_size": 4, "init_size": 4, "seed": 0},
             "checkpoint": {"dir": str(tmp_path / "ckpt")},
             "delivery": {"guarantee": guarantee, "transaction_ms": transaction_ms},
@@ -369,6 +370,34 @@ def test_a_lost_checkpoint_volume_is_said_loudly(
     with app.connected(), caplog.at_level("ERROR"):
         consumer.assign(0)
     assert "no checkpoint in" in caplog.text and "in[0]@500" in caplog.text
+
+
+def test_one_stray_message_cannot_fix_the_inferred_dimension(tmp_path: Path) -> None:
+    from streamkm.app import DIM_QUORUM
+
+    producer, consumer = FakeProducer(), FakeConsumer()
+    app = make_app(tmp_path, producer, consumer, guarantee="at-least-once", dim=None)
+    stray = Message(topic="in", partition=0, offset=0, key=b"s", value=b"\0" * 8)  # 2 values
+    good = [
+        Message(topic="in", partition=0, offset=1 + i, key=b"k", value=m.value())
+        for i, m in enumerate(messages(0, DIM_QUORUM + 2))
+    ]
+    stream = [stray, *good]
+    with app.connected():
+        consumer.assign(0)
+        consumer.queue = list(stream)
+        for _ in range(5):
+            app.turn()
+            if app.decoder.dim is not None:
+                break
+        assert app.decoder.dim == DIM  # the quorum of valid messages, not the first one
+        assert consumer.seeks[-1] == (0, 0)  # everything is read again from the start
+        consumer.queue = list(stream)
+        for _ in range(6):
+            app.turn()
+        app.process(force=True)  # the last rows would wait for max_batch_wait_ms
+    assert len(producer.values("dead")) == 1  # the stray one, as wrong_dim
+    assert offsets_of(producer.values()) == list(range(1, DIM_QUORUM + 3))
 
 
 def test_readiness_gauge_and_process_metrics(tmp_path: Path) -> None:
