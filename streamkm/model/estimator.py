@@ -358,7 +358,7 @@ class StreamingKMeans(EstimatorShims):
         return (
             float(self.reassignment_ratio) > 0
             and self.cluster_centers_.shape[0] >= 2
-            and n >= 2
+            and n >= max(2, relocation.BATCH_SWAP_MIN_ROWS * self.cluster_centers_.shape[0])
             and (self.n_steps_ + 1) % relocation.SWAP_EVERY == 0
         )
 
@@ -414,7 +414,11 @@ class StreamingKMeans(EstimatorShims):
         X, w = sample.live_rows(), sample.weights(float(self.n_samples_seen_))
         old = self.cluster_centers_.astype(np.float64)
         swap = float(self.reassignment_ratio) > 0
-        out = refine.refine(X, w, self.cluster_centers_, self._assign_to, self._rng, swap)
+        # reseeding is relocation too: reassignment_ratio=0 turns it off with the swaps
+        restarts = refine.RESTARTS if swap and sample.n_live < sample.size else 0
+        out = refine.refine(
+            X, w, self.cluster_centers_, self._assign_to, self._rng, swap, restarts
+        )
         k = old.shape[0]
         total_w = float(out.wsum.sum())
         self._next_refine = refine.next_refine(

@@ -1,17 +1,22 @@
-"""Refinement: a few weighted Lloyd iterations on the sample, from the current centroids.
+"""Refinement: weighted Lloyd iterations on the sample, from the current centroids.
 
 Streaming averages converge to a k-means fixed point only slowly and can stay in a poor one on
 continuous data; every so often the model therefore runs weighted Lloyd iterations on its
-sample (:mod:`streamkm.model.sample`), starting from the live centroids, followed by one
-swap of the least useful centroid that is kept only if it lowers the sample's error
-(:func:`streamkm.model.relocation.swap_on_sample`). Coreset methods (StreamKM++, Ackermann et
-al. 2012; BICO, Fichtenberger et al. 2013) reach near-offline quality in one pass the same way.
+sample (:mod:`streamkm.model.sample`), starting from the live centroids, until a pass lowers
+the sample's error by less than ``LLOYD_TOL`` (at most ``LLOYD_PASSES``), followed by up to
+``SWAP_TRIES`` swaps of the least useful centroid, each kept only if it lowers the sample's
+error (:func:`streamkm.model.relocation.swap_on_sample`). While the sample still holds the
+whole stream, each refinement also tries ``RESTARTS`` fresh k-means++ seedings of the sample,
+run through Lloyd and kept only if they end lower (StreamKM++, Ackermann et al. 2012, solves
+its coreset the same way; BICO, Fichtenberger et al. 2013, likewise); the winner's centroids
+are matched to the old ones so that cluster ids move as little as possible.
 
-Schedule: a refinement that cost ``p`` passes over ``m`` sample rows is followed by the next one
-after ``max(batch_size, p·m / REFINE_BUDGET)`` further rows. While the sample still holds the
-whole stream this is geometric (the n-th refinement at about ``(1 + p/ρ)^n`` rows); once it is
-full it is periodic, every ``p·size/ρ`` rows. Refinement therefore never costs more than
-``ρ = REFINE_BUDGET`` times the assignment work of the stream itself.
+Schedule: while the sample holds the whole stream, refinements come at geometric stream
+positions (each ``EARLY_FACTOR`` times the last): their cost adds up to a few passes over the
+sample's final size, paid once. Once it is full, a refinement that cost ``p`` passes over ``m``
+sample rows is followed by the next one after ``max(batch_size, p·m / REFINE_BUDGET)`` further
+rows: refinement then never costs more than ``ρ = REFINE_BUDGET`` times the assignment work of
+the stream itself.
 """
 
 from __future__ import annotations
@@ -25,22 +30,34 @@ import numpy as np
 from streamkm import kernel
 from streamkm.model import relocation
 
-__all__ = ["LLOYD_PASSES", "REFINE_BUDGET", "Refined", "lloyd", "next_refine", "refine"]
+__all__ = [
+    "LLOYD_PASSES",
+    "REFINE_BUDGET",
+    "Refined",
+    "lloyd",
+    "match_centroids",
+    "next_refine",
+    "refine",
+    "seed_on_sample",
+]
 
 #: Most assignment passes over the sample per refinement (the last one measures the result).
-LLOYD_PASSES = 3
+LLOYD_PASSES = 30
 #: Lloyd stops early when a pass lowers the sample's error by less than this fraction.
-LLOYD_TOL = 0.0
+LLOYD_TOL = 1e-3
 #: Growth factor of the stream between two refinements while the sample is not full
 #: (None: the budget rule from the start).
-EARLY_FACTOR: float | None = None
+EARLY_FACTOR: float | None = 2.0
 #: Refinement work allowed per unit of stream assignment work.
-REFINE_BUDGET = 0.5
+REFINE_BUDGET = 0.2
 #: Swaps tried per refinement (each kept only if it lowers the sample's error; the first that
 #: does not ends the search).
-SWAP_TRIES = 1
+SWAP_TRIES = 4
 #: Lloyd passes after a swap, before its error is compared.
 SWAP_PASSES = 2
+#: Fresh k-means++ seedings tried on the sample per refinement while it still holds the whole
+#: stream (each run through Lloyd and kept only if it ends lower than the live centroids).
+RESTARTS = 1
 
 #: assign(X, C, d2_second) -> (labels, d2): nearest centroid under the model's centring.
 AssignFn = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], tuple[np.ndarray, np.ndarray]]
@@ -135,6 +152,7 @@ def refine(
     assign: AssignFn,
     rng: np.random.Generator,
     swap: bool,
+    restarts: int = 0,
 ) -> Refined:
     """Lloyd iterations on the weighted sample, then one swap kept only if it pays.
 
@@ -152,6 +170,10 @@ def refine(
         The model's generator (draws for the swap candidates).
     swap : bool
         Whether to try relocating centroids (``reassignment_ratio > 0``).
+    restarts : int
+        Fresh k-means++ seedings of the sample to try after the swaps; one that ends with a
+        lower error replaces the centroids, matched to the old ones so that cluster ids move
+        as little as possible.
     """
     C1, labels, d2, d2s, wsum, wsse, total, passes = lloyd(X, w, C, LLOYD_PASSES, assign)
     swapped = False
@@ -167,4 +189,59 @@ def refine(
             break
         C1, labels, d2, d2s, wsum, wsse, total = C2, labels2, d22, d2s2, wsum2, wsse2, total2
         swapped = True
+    # "a few outliers": less than MIN_SHARE of an average cluster's weight
+    floor = relocation.MIN_SHARE * float(w.sum()) / C.shape[0]
+    for _ in range(restarts if C.shape[0] >= 2 else 0):
+        seeds = seed_on_sample(X, w, C.shape[0], rng)
+        C2, labels2, d22, _, wsum2, wsse2, total2, p2 = lloyd(X, w, seeds, LLOYD_PASSES, assign)
+        passes += p2 + 1
+        # a fresh seeding may not park more centroids on a few outliers than there are now
+        # (k-means++ favours far rows; the error alone would welcome them)
+        if not total2 < total or int((wsum2 < floor).sum()) > int((wsum < floor).sum()):
+            continue
+        order = match_centroids(C2, C1)
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(order.size)
+        C1, labels, d2, total = C2[order], inverse[labels2], d22, total2
+        wsum, wsse = wsum2[order], wsse2[order]
+        swapped = True
     return Refined(C1, wsum, wsse, labels, d2, passes, swapped)
+
+
+def seed_on_sample(X: np.ndarray, w: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Greedy k-means++ seeding of ``k`` centroids on the weighted sample.
+
+    Returns
+    -------
+    ndarray of shape (k, d), the dtype of ``X``
+    """
+    m = X.shape[0]
+    u = rng.random(1 + (k - 1) * kernel.n_local_trials(k))
+    centers = np.empty(k, dtype=np.int64)
+    closest, cand, best, cum = (np.empty(m) for _ in range(4))
+    kernel.kmeans_plusplus(X, w, u, centers, closest, cand, best, cum)
+    return X[centers].copy()
+
+
+def match_centroids(new: np.ndarray, old: np.ndarray) -> np.ndarray:
+    """Order of ``new`` that puts each of its centroids in the slot of a near old one.
+
+    Greedy matching on squared distances (closest pair first): cluster ids stay where the
+    clusters stay, so a replaced set of centroids relabels as little as it can.
+
+    Returns
+    -------
+    order : ndarray of shape (k,), int64
+        ``new[order][j]`` takes the place of ``old[j]``.
+    """
+    a, b = new.astype(np.float64), old.astype(np.float64)
+    d2 = (a * a).sum(1)[:, None] - 2.0 * a @ b.T + (b * b).sum(1)[None, :]
+    k = a.shape[0]
+    order = np.full(k, -1, dtype=np.int64)
+    taken = np.zeros(k, dtype=bool)
+    for flat in np.argsort(d2, axis=None, kind="stable"):
+        i, j = divmod(int(flat), k)
+        if not taken[i] and order[j] < 0:
+            order[j] = i
+            taken[i] = True
+    return order

@@ -1,15 +1,18 @@
 """Relocation: rescue starved centroids, and find groups the centroids miss.
 
-Two rules, each where it is cheap and cannot cost quality:
+Three rules, each where it is cheap and cannot cost quality:
 
-* **Starved centroids, on every batch.** A centroid whose recent weight falls below
-  ``reassignment_ratio`` times the largest moves to where it removes the most error of the
-  batch: a candidate drawn like k-means++ against the live centroids, which must take at least
-  ``MIN_ROWS`` rows (a lone outlier never attracts a centroid).
+* **Starved centroids, on every batch.** A centroid whose recent weight and whose overall
+  weight both fall below ``reassignment_ratio`` times the largest moves to where it removes the
+  most error of the batch: a candidate drawn like k-means++ against the live centroids, which
+  must take at least ``MIN_ROWS`` rows (a lone outlier never attracts a centroid). The rule
+  waits until that threshold stands for ``MIN_ROWS`` rows of the recent window: with small
+  batches and many centroids, a centroid no row has reached yet is not starved.
 * **A swap, on the batch, every ``SWAP_EVERY`` steps**, for groups that appear mid-stream: the
   centroid whose removal costs least (its rows' extra error at their second nearest centroid)
   moves when the best place found removes more than ``BATCH_SWAP_MARGIN`` times that cost *and*
-  at least ``BATCH_SWAP_MIN_GAIN`` of the batch's whole error — a new group far from every
+  at least ``BATCH_SWAP_MIN_GAIN`` of the batch's whole error, on batches that hold
+  ``BATCH_SWAP_MIN_ROWS`` rows per centroid — a new group far from every
   centroid clears that bar at once, while the small, noisy gains a batch shows on continuous
   data never do (a sample of a long stream holds too few rows of a new group to see it soon).
 * **A swap, on the sample, at refinement time.** The centroid whose removal costs least (its
@@ -31,7 +34,14 @@ import numpy as np
 
 from streamkm import kernel
 
-__all__ = ["MIN_ROWS", "SWAP_EVERY", "SWAP_MARGIN", "relocate_on_batch", "swap_on_sample"]
+__all__ = [
+    "MIN_ROWS",
+    "SWAP_EVERY",
+    "SWAP_MARGIN",
+    "min_weight",
+    "relocate_on_batch",
+    "swap_on_sample",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +58,10 @@ SWAP_EVERY = 4
 BATCH_SWAP_MARGIN = 2.0
 #: ...and this fraction of the batch's error.
 BATCH_SWAP_MIN_GAIN = 0.1
+#: A batch swap is tried only when the batch holds this many rows per centroid: with fewer,
+#: the least useful centroid often has no row in the batch, its removal looks free, and noise
+#: moves centroids that serve real groups (the sample's swap covers small batches).
+BATCH_SWAP_MIN_ROWS = 20
 
 
 def relocate_on_batch(
@@ -94,7 +108,13 @@ def relocate_on_batch(
     threshold = ratio * float(recent.max())
     if d2_second is None and float(recent.min()) >= threshold:
         return 0.0  # the common case: nobody starved, no swap due
-    starved = np.flatnonzero(recent < threshold)
+    # Starved = little recent weight, little weight overall, and a batch window long enough
+    # that the threshold means a few rows: a centroid not hit yet by small batches is not
+    # starved, nor one serving a small but real group.
+    hungry = recent < threshold
+    hungry &= counts < ratio * float(counts.max())
+    hungry &= threshold >= MIN_ROWS * float(w.sum()) / n
+    starved = np.flatnonzero(hungry)
     starved = starved[np.argsort(recent[starved], kind="stable")][: n // 2]
     targets = [int(j) for j in starved]
     min_gain = [0.0] * len(targets)
@@ -143,6 +163,17 @@ def relocate_on_batch(
     return float(np.sqrt((diff * diff).sum(axis=1)).sum())
 
 
+def min_weight(w: np.ndarray, k: int) -> float:
+    """Least sample weight a centroid placed on the sample must take.
+
+    ``MIN_ROWS`` rows' worth and ``MIN_SHARE`` of an average cluster: a few scattered outliers
+    never hold a centroid.
+    """
+    n_live = max(int((w > 0).sum()), 1)
+    total = float(w.sum())
+    return max(MIN_ROWS * total / n_live, MIN_SHARE * total / k)
+
+
 def swap_on_sample(
     X: np.ndarray,
     w: np.ndarray,
@@ -177,9 +208,8 @@ def swap_on_sample(
     n_live = int(live.sum())
     if n_live < 2 * MIN_ROWS:
         return None
-    total = float(w.sum())
-    few_rows = MIN_ROWS * total / n_live
-    min_captured = max(few_rows, MIN_SHARE * total / k)
+    few_rows = MIN_ROWS * float(w.sum()) / n_live
+    min_captured = min_weight(w, k)
     # a centroid holding fewer than MIN_ROWS rows' weight (a k-means++ seed that landed on a
     # lone far row, say) serves no group: it is moved like an empty one
     empty = np.flatnonzero(wsum < few_rows)

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamkm import fileformat
+from streamkm.model import relocation
 from streamkm.errors import CorruptFileError
 from streamkm.model import NotFittedError, StateError, StepResult, StreamingKMeans
 
@@ -252,6 +253,28 @@ def test_group_appearing_mid_stream_gets_a_centroid():
     assert sq_dist(np.array([[60.0, 60.0]]), model.cluster_centers_).min() < 1.0
     assert sq_dist(np.array([[60.0, 60.0]]), frozen.cluster_centers_).min() > 100.0
     assert -model.score(stream[10000:]) < 0.5 * -frozen.score(stream[10000:])
+
+
+def test_small_batches_do_not_relocate_centroids_no_row_has_reached_yet(monkeypatch):
+    # 40 centroids, batches of 60 rows: most centroids get no row for several batches,
+    # which is not starvation; no centroid may leave its (real, equal-sized) group
+    rng = np.random.default_rng(8)
+    centres = rng.uniform(-100, 100, size=(40, 3))
+    X = (centres[rng.integers(0, 40, 1200)] + rng.normal(size=(1200, 3))).astype(np.float32)
+    moved = []
+    model = StreamingKMeans(40, init=centres.astype(np.float32), batch_size=60, random_state=0)
+    real = relocation.relocate_on_batch
+
+    def spy(*args):
+        out = real(*args)
+        moved.append(out)
+        return out
+
+    monkeypatch.setattr(relocation, "relocate_on_batch", spy)
+    for start in range(0, 1200, 60):
+        model.partial_fit(X[start : start + 60])
+    assert moved and max(moved) == 0.0
+    assert np.sqrt(sq_dist(centres, model.cluster_centers_).min(axis=1)).max() < 1.0
 
 
 def test_swaps_do_not_chase_isolated_outliers():

@@ -129,15 +129,103 @@ def test_refinement_is_off_without_a_sample():
 
 
 def test_schedule_keeps_refinement_within_its_budget(monkeypatch):
+    monkeypatch.setattr(refine, "EARLY_FACTOR", None)
     gap = math.ceil(3 * 4096 / refine.REFINE_BUDGET)
     assert refine.next_refine(4096, 3, 4096, 32768, 1024) == 4096 + gap
     assert refine.next_refine(100, 1, 10, 32768, 1024) == 1124  # never closer than a batch
     full = refine.next_refine(40_000, 3, 32768, 32768, 1024)
     assert full == 40_000 + math.ceil(3 * 32768 / refine.REFINE_BUDGET)
-    # optional geometric schedule while the sample holds the whole stream
+    # geometric schedule while the sample holds the whole stream (the default)
     monkeypatch.setattr(refine, "EARLY_FACTOR", 2.0)
     assert refine.next_refine(4096, 3, 4096, 32768, 1024) == 8192
     assert refine.next_refine(40_000, 3, 32768, 32768, 1024) == full
+
+
+def test_match_centroids_undoes_a_permutation_and_pairs_nearest_first():
+    rng = np.random.default_rng(3)
+    old = rng.normal(size=(12, 5)) * 10
+    perm = rng.permutation(12)
+    new = old[perm] + rng.normal(size=(12, 5)) * 0.01
+    order = refine.match_centroids(new, old)
+    assert sorted(order.tolist()) == list(range(12))
+    np.testing.assert_allclose(new[order], old, atol=0.1)
+
+
+def test_seed_on_sample_draws_distinct_rows_and_ignores_zero_weight():
+    X, _ = blobs(400, k=4, seed=2)
+    w = np.ones(400)
+    w[:200] = 0.0  # free slots of the sample
+    C = refine.seed_on_sample(X, w, 8, np.random.default_rng(0))
+    rows = {tuple(r) for r in X[200:].tolist()}
+    assert C.shape == (8, 4) and len({tuple(c) for c in C.tolist()}) == 8
+    assert all(tuple(c) in rows for c in C.tolist())
+    again = refine.seed_on_sample(X, w, 8, np.random.default_rng(0))
+    np.testing.assert_array_equal(C, again)
+
+
+def test_a_restart_replaces_a_poor_optimum_and_keeps_cluster_ids():
+    # two centroids share one blob while another pair of blobs shares one centroid: Lloyd
+    # from there stays put; a fresh k-means++ seeding finds the blobs
+    centres = np.array([[0.0, 0.0], [20.0, 0.0], [40.0, 0.0], [0.0, 30.0]])
+    rng = np.random.default_rng(1)
+    X = (centres[rng.integers(0, 4, 4000)] + rng.normal(size=(4000, 2))).astype(np.float32)
+    w = np.ones(4000)
+    C = np.array([[-0.5, 0.0], [0.5, 0.0], [30.0, 0.0], [0.0, 30.0]], dtype=np.float32)
+    model = StreamingKMeans(4, init=C, random_state=0).fit(X[:100])
+
+    def assign(X_, C_, d2s):
+        return model._assign_to(X_, C_, d2s)
+
+    stuck = refine.refine(X, w, C, assign, np.random.default_rng(0), swap=False, restarts=0)
+    freed = refine.refine(X, w, C, assign, np.random.default_rng(0), swap=False, restarts=1)
+    assert freed.swapped and not stuck.swapped
+    assert freed.wsse.sum() < 0.5 * stuck.wsse.sum()
+    # ids stay put where the clusters stay: the blob at (0, 30) keeps centroid 3
+    assert np.abs(freed.centroids[3] - [0.0, 30.0]).max() < 0.5
+    assert freed.wsum.sum() == pytest.approx(w.sum())
+
+
+def test_reassignment_ratio_zero_turns_restarts_off(monkeypatch):
+    X, _ = blobs(3000, k=6, seed=4)
+    kw = dict(batch_size=300, random_state=0)
+    off = StreamingKMeans(6, reassignment_ratio=0.0, **kw)
+    calls = []
+    real = refine.seed_on_sample
+    monkeypatch.setattr(refine, "seed_on_sample", lambda *a: calls.append(1) or real(*a))
+    for start in range(0, 3000, 300):
+        off.partial_fit(X[start : start + 300])
+    assert off.n_refines_ > 0 and calls == []
+    on = StreamingKMeans(6, **kw)
+    for start in range(0, 3000, 300):
+        on.partial_fit(X[start : start + 300])
+    assert calls
+
+
+def test_one_pass_beats_minibatch_kmeans_on_real_digits():
+    # a real table with more centroids than classes: small batches, tiny clusters
+    sklearn = pytest.importorskip("sklearn")
+    from sklearn.cluster import KMeans, MiniBatchKMeans
+    from sklearn.datasets import load_digits
+
+    del sklearn
+    X, _ = load_digits(return_X_y=True)
+    X = ((X - X.mean(0)) / np.where(X.std(0) > 0, X.std(0), 1)).astype(np.float32)
+    k, B = 40, 89
+
+    def inertia(C):
+        d2 = ((X[:, None, :].astype(np.float64) - C[None].astype(np.float64)) ** 2).sum(-1)
+        return float(d2.min(1).sum())
+
+    base = inertia(KMeans(k, n_init=3, random_state=0).fit(X).cluster_centers_)
+    for seed in range(3):
+        Xs = X[np.random.default_rng(seed).permutation(X.shape[0])]
+        ours = StreamingKMeans(k, batch_size=B, random_state=seed)
+        mbk = MiniBatchKMeans(k, batch_size=B, n_init=1, random_state=seed)
+        for start in range(0, X.shape[0], B):
+            ours.partial_fit(Xs[start : start + B])
+            mbk.partial_fit(Xs[start : start + B])
+        assert inertia(ours.cluster_centers_) <= inertia(mbk.cluster_centers_)
+        assert inertia(ours.cluster_centers_) < 1.12 * base
 
 
 def test_refinement_beats_the_streaming_average_on_continuous_data():
