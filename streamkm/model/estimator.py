@@ -4,8 +4,9 @@ The model keeps, for every centroid, a weight sum (``counts_``) and moves the ce
 streaming average of the points assigned to it: over a batch,
 ``c_j ← (c_j·W_j + Σ w·x) / (W_j + Σ w)``. Next to the centroids it keeps a bounded weighted
 sample of the stream (:mod:`~streamkm.model.sample`) and, on a schedule that bounds the cost,
-refines the centroids with a few weighted Lloyd iterations on it, with a swap of the least
-useful centroid kept only when it lowers the error (:mod:`~streamkm.model.refine`,
+refines the centroids with weighted Lloyd iterations on it, with swaps of the least useful
+centroid and (while the sample still holds the whole stream) a fresh k-means++ restart, each
+kept only when it lowers the sample's error (:mod:`~streamkm.model.refine`,
 :mod:`~streamkm.model.relocation`). With ``half_life`` the weight of old samples decays, in
 the counts and in the sample, so that the model follows a drifting stream. Distances are taken
 on rows centred by a shift vector (the sample's mean), which keeps float32 exact for data far
@@ -130,10 +131,12 @@ class StreamingKMeans(EstimatorShims):
         ``half_life`` further samples (in the counts and in the sample). None keeps every
         sample at full weight.
     reassignment_ratio : float, default=0.01
-        A centroid whose recent weight is below ``reassignment_ratio`` times the largest one is
-        starved and is moved to where it removes the most error of the current batch. At each
-        refinement, in addition, the least useful centroid is offered the best place found on
-        the sample and moves if that lowers the sample's error. 0 turns both off.
+        A centroid whose recent and overall weights are below ``reassignment_ratio`` times the
+        largest ones is starved and is moved to where it removes the most error of the current
+        batch. At each refinement, in addition, the least useful centroid is offered the best
+        place found on the sample and moves if that lowers the sample's error, and while the
+        sample holds the whole stream a fresh k-means++ seeding of it replaces the centroids
+        if it ends with a lower error. 0 turns all three off.
     sample_size : int, default=32768
         Rows of the weighted sample the centroids are refined on (0: no sample, no refinement).
         Memory: about ``1.25 · sample_size · (4·d + 24)`` bytes in float32.
@@ -416,9 +419,7 @@ class StreamingKMeans(EstimatorShims):
         swap = float(self.reassignment_ratio) > 0
         # reseeding is relocation too: reassignment_ratio=0 turns it off with the swaps
         restarts = refine.RESTARTS if swap and sample.n_live < sample.size else 0
-        out = refine.refine(
-            X, w, self.cluster_centers_, self._assign_to, self._rng, swap, restarts
-        )
+        out = refine.refine(X, w, self.cluster_centers_, self._assign_to, self._rng, swap, restarts)
         k = old.shape[0]
         total_w = float(out.wsum.sum())
         self._next_refine = refine.next_refine(

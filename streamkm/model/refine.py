@@ -55,6 +55,9 @@ REFINE_BUDGET = 0.2
 SWAP_TRIES = 4
 #: Lloyd passes after a swap, before its error is compared.
 SWAP_PASSES = 2
+#: Most multiply-adds one refinement may spend (a pass costs rows·k·d): about 0.2 s on
+#: two cores; beyond it swaps and restarts are skipped and Lloyd stops early.
+MAX_WORK = 2e10
 #: Fresh k-means++ seedings tried on the sample per refinement while it still holds the whole
 #: stream (each run through Lloyd and kept only if it ends lower than the live centroids).
 RESTARTS = 1
@@ -154,7 +157,10 @@ def refine(
     swap: bool,
     restarts: int = 0,
 ) -> Refined:
-    """Lloyd iterations on the weighted sample, then one swap kept only if it pays.
+    """Lloyd iterations on the weighted sample, then swaps and restarts kept only if they pay.
+
+    At most ``MAX_WORK`` multiply-adds are spent: passes over the sample are counted against
+    it, and a swap or restart that would not fit is not started.
 
     Parameters
     ----------
@@ -175,10 +181,17 @@ def refine(
         lower error replaces the centroids, matched to the old ones so that cluster ids move
         as little as possible.
     """
-    C1, labels, d2, d2s, wsum, wsse, total, passes = lloyd(X, w, C, LLOYD_PASSES, assign)
+    # every pass costs m·k·d multiply-adds: at large sizes the pass count is capped so that
+    # one refinement never stalls the stream for long (deterministic: no clocks involved)
+    budget = max(2, int(MAX_WORK // max(X.shape[0] * C.shape[0] * C.shape[1], 1)))
+    C1, labels, d2, d2s, wsum, wsse, total, passes = lloyd(
+        X, w, C, min(LLOYD_PASSES, budget), assign
+    )
     swapped = False
     tries = SWAP_TRIES if swap and C.shape[0] >= 2 else 0
     for _ in range(tries):
+        if passes + SWAP_PASSES > budget:
+            break
         proposal = relocation.swap_on_sample(X, w, C1, labels, d2, d2s, wsum, rng)
         if proposal is None:
             break
@@ -192,6 +205,8 @@ def refine(
     # "a few outliers": less than MIN_SHARE of an average cluster's weight
     floor = relocation.MIN_SHARE * float(w.sum()) / C.shape[0]
     for _ in range(restarts if C.shape[0] >= 2 else 0):
+        if passes + LLOYD_PASSES + 1 > budget:  # a restart needs a whole Lloyd run to compete
+            break
         seeds = seed_on_sample(X, w, C.shape[0], rng)
         C2, labels2, d22, _, wsum2, wsse2, total2, p2 = lloyd(X, w, seeds, LLOYD_PASSES, assign)
         passes += p2 + 1

@@ -12,9 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamkm import fileformat
-from streamkm.model import relocation
 from streamkm.errors import CorruptFileError
-from streamkm.model import NotFittedError, StateError, StepResult, StreamingKMeans
+from streamkm.model import NotFittedError, StateError, StepResult, StreamingKMeans, relocation
 
 pytestmark = pytest.mark.unit
 

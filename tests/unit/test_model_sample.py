@@ -27,6 +27,16 @@ def state_bytes(model: StreamingKMeans) -> tuple[dict, dict[str, bytes]]:
     return meta, {name: a.tobytes() + str(a.dtype).encode() for name, a in arrays.items()}
 
 
+def np_assign(X, C, d2_second):
+    """Nearest centroid in float64 NumPy: the ``assign`` a refinement is given."""
+    d2 = ((X[:, None, :].astype(np.float64) - C[None].astype(np.float64)) ** 2).sum(-1)
+    order = np.argsort(d2, axis=1, kind="stable")
+    rows = np.arange(X.shape[0])
+    if d2_second is not None:
+        d2_second[:] = d2[rows, order[:, 1]] if C.shape[0] > 1 else np.inf
+    return order[:, 0].astype(np.int64), d2[rows, order[:, 0]]
+
+
 def assert_identical(a: StreamingKMeans, b: StreamingKMeans) -> None:
     ma, aa = state_bytes(a)
     mb, ab = state_bytes(b)
@@ -171,18 +181,26 @@ def test_a_restart_replaces_a_poor_optimum_and_keeps_cluster_ids():
     X = (centres[rng.integers(0, 4, 4000)] + rng.normal(size=(4000, 2))).astype(np.float32)
     w = np.ones(4000)
     C = np.array([[-0.5, 0.0], [0.5, 0.0], [30.0, 0.0], [0.0, 30.0]], dtype=np.float32)
-    model = StreamingKMeans(4, init=C, random_state=0).fit(X[:100])
-
-    def assign(X_, C_, d2s):
-        return model._assign_to(X_, C_, d2s)
-
-    stuck = refine.refine(X, w, C, assign, np.random.default_rng(0), swap=False, restarts=0)
-    freed = refine.refine(X, w, C, assign, np.random.default_rng(0), swap=False, restarts=1)
+    rng = np.random.default_rng
+    stuck = refine.refine(X, w, C, np_assign, rng(0), swap=False, restarts=0)
+    freed = refine.refine(X, w, C, np_assign, rng(0), swap=False, restarts=1)
     assert freed.swapped and not stuck.swapped
     assert freed.wsse.sum() < 0.5 * stuck.wsse.sum()
     # ids stay put where the clusters stay: the blob at (0, 30) keeps centroid 3
     assert np.abs(freed.centroids[3] - [0.0, 30.0]).max() < 0.5
     assert freed.wsum.sum() == pytest.approx(w.sum())
+
+
+def test_one_refinement_never_spends_more_than_its_work_cap(monkeypatch):
+    X, _ = blobs(4000, d=8, k=6, seed=5)
+    w = np.ones(4000)
+    C = X[:6].copy()
+    per_pass = 4000 * 6 * 8
+    free = refine.refine(X, w, C, np_assign, np.random.default_rng(0), True, 1)
+    assert free.passes > 5
+    monkeypatch.setattr(refine, "MAX_WORK", 3 * per_pass)
+    capped = refine.refine(X, w, C, np_assign, np.random.default_rng(0), True, 1)
+    assert capped.passes <= 3
 
 
 def test_reassignment_ratio_zero_turns_restarts_off(monkeypatch):
