@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -139,3 +140,55 @@ def test_checkpoint_dir_lost_mid_run_stops_with_a_clear_error(
     assert "Traceback" not in d.log_path.read_text()
     # What was written before is intact and readable.
     assert 0 < read_checkpoint(kept).model.n_samples_seen_ <= 1000
+
+
+def test_a_lost_checkpoint_volume_stops_or_goes_on_from_the_model_topic(
+    tmp_path: Path, kafka_bootstrap: str, make_topic, group_id: str
+) -> None:
+    src, out = make_topic(), make_topic()
+    models = make_topic(**{"cleanup.policy": "compact"})
+    X, truth = blobs(2400, seed=14)
+    produce_values(kafka_bootstrap, src, raw(X[:1200]))
+    ckpt_dir = tmp_path / "volume"
+
+    def daemon(name: str, when_lost: str) -> Daemon:
+        return Daemon(
+            tmp_path / name, kafka_bootstrap, src, out,
+            kafka={"group_id": group_id, "model_topic": models},
+            checkpoint={"dir": str(ckpt_dir), "when_lost": when_lost},
+        )  # fmt: skip
+
+    with daemon("first", "new-model") as first:
+        first.start()
+        first.wait_metric("streamkm_samples_seen", 1200)
+        assert first.stop() == 0  # its last checkpoint commits the offsets, then publishes
+    published = json.loads(drain(kafka_bootstrap, models)[-1].value())
+    assert published["n_samples_seen"] == 1200
+    shutil.rmtree(ckpt_dir)  # the volume is lost; the group's offsets stay at 1200
+
+    with daemon("stop", "stop") as stop:
+        stop.start()
+        assert stop.wait_exit(90) == 1
+    log = stop.log_path.read_text()
+    assert f"({src}[0]@1200): the checkpoint volume was lost" in log
+    assert 'checkpoint.when_lost = "stop": exiting' in log and "Traceback" not in log
+    assert not list(ckpt_dir.iterdir())  # nothing written: the next start decides again
+
+    produce_values(kafka_bootstrap, src, raw(X[1200:]))
+    with daemon("restore", "restore-from-model-topic") as restore:
+        restore.start()
+        restore.wait_log(rf"restored model version {published['model_version']} \(1200 samples")
+        restore.wait_metric("streamkm_samples_seen", len(X))
+        assert restore.stop() == 0
+    ckpt = read_checkpoint(ckpt_dir)
+    # The model went on from the published one: its counts and version continue.
+    assert ckpt.model.n_samples_seen_ == len(X)
+    assert ckpt.model.counts_.sum() == pytest.approx(len(X))
+    assert ckpt.model.n_steps_ > published["model_version"]
+    got = [json.loads(m.value()) for m in drain(kafka_bootstrap, out, expected=len(X))]
+    after = [a for a in got if a["offset"] >= 1200]
+    assert sorted(a["offset"] for a in after) == list(range(1200, len(X)))
+    assert min(a["model_version"] for a in after) == published["model_version"] + 1
+    # ... and with its centroids: each blob keeps the cluster number it had before.
+    before = {truth[a["offset"]]: a["cluster"] for a in got if a["offset"] < 1200}
+    assert all(a["cluster"] == before[truth[a["offset"]]] for a in after)
