@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -192,3 +193,41 @@ def test_a_lost_checkpoint_volume_stops_or_goes_on_from_the_model_topic(
     # ... and with its centroids: each blob keeps the cluster number it had before.
     before = {truth[a["offset"]]: a["cluster"] for a in got if a["offset"] < 1200}
     assert all(a["cluster"] == before[truth[a["offset"]]] for a in after)
+
+
+def test_a_restore_without_a_model_in_the_topic_holds_the_input_and_stays_up(
+    tmp_path: Path, kafka_bootstrap: str, make_topic, group_id: str
+) -> None:
+    src, out = make_topic(), make_topic()
+    models = make_topic(**{"cleanup.policy": "compact"})  # no model of this group in it
+    X, _ = blobs(900, seed=15)
+    produce_values(kafka_bootstrap, src, raw(X[:600]))
+    ckpt_dir = tmp_path / "volume"
+    kafka = {"group_id": group_id}
+    with Daemon(tmp_path / "a", kafka_bootstrap, src, out, kafka=kafka,
+                checkpoint={"dir": str(ckpt_dir)}) as first:  # fmt: skip
+        first.start()
+        first.wait_metric("streamkm_samples_seen", 600)
+        assert first.stop() == 0
+    shutil.rmtree(ckpt_dir)
+    produce_values(kafka_bootstrap, src, raw(X[600:]))
+    with Daemon(
+        tmp_path / "b", kafka_bootstrap, src, out, kafka={**kafka, "model_topic": models},
+        checkpoint={"dir": str(ckpt_dir), "when_lost": "restore-from-model-topic"},
+    ) as held:  # fmt: skip
+        held.start()
+        held.wait_log("no model restored from the model topic")
+        body = held.wait_http("/readyz", status=503)
+        assert "it holds no model of this group" in body and "input held" in body
+        assert held.metric("streamkm_ready") == 0 and held.metric("streamkm_samples_seen") == 0
+        # It stays up and held over several turns (each waits 0.5 s on the paused partitions).
+        until = time.monotonic() + 3.0
+        while time.monotonic() < until:
+            held.assert_running()
+            assert held.get("/healthz")[0] == 200 and held.get("/readyz")[0] == 503
+            time.sleep(0.2)
+        assert held.stop() == 0
+    # Nothing of the 300 new inputs was consumed into a model or published, and nothing was
+    # written: the next start meets the same choice.
+    assert len(drain(kafka_bootstrap, out, expected=600)) == 600
+    assert not list(ckpt_dir.iterdir())
