@@ -418,13 +418,14 @@ def test_a_lost_volume_stops_the_daemon_when_asked(tmp_path: Path) -> None:
     assert not (tmp_path / "ckpt" / "origins.json").exists()  # the next start stops again
 
 
+@pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
 def test_a_lost_volume_restores_the_newest_published_model(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, guarantee: str
 ) -> None:
     record, published = published_model(version=7)
     producer, consumer = FakeProducer(), FakeConsumer(committed={0: 500})
     app = make_app(
-        tmp_path, producer, consumer, "at-least-once", dim=None,
+        tmp_path, producer, consumer, guarantee, dim=None,
         when_lost="restore-from-model-topic", model_reader=lambda: record,
     )  # fmt: skip
     with app.connected(), caplog.at_level("WARNING"):
@@ -437,6 +438,7 @@ def test_a_lost_volume_restores_the_newest_published_model(
         assert app.decoder.dim == DIM and app._ready() == (True, "ok")
         consumer.queue = messages(500, 4)
         app.turn()
+        app.checkpoint()
     assert "restored model version 7 (28 samples" in caplog.text and "in[0]@500" in caplog.text
     assert "Not restored: the sample" in caplog.text
     out = [json.loads(v) for v in producer.values()]
@@ -446,6 +448,9 @@ def test_a_lost_volume_restores_the_newest_published_model(
     assert app.model.counts_.sum() == pytest.approx(published.counts_.sum() + 4)
     # Its spreads come from that first batch: an ordinary input scores near 1, not 1e9.
     assert max(a["score"] for a in out) < 100
+    # From now on it is checkpointed like any model, and a restart goes on from there.
+    restarted = make_app(tmp_path, FakeProducer(), FakeConsumer(), guarantee, dim=None)
+    assert restarted.model.n_steps_ == 8 and restarted.offsets.positions == {("in", 0): 504}
 
 
 @pytest.mark.parametrize(
