@@ -442,6 +442,12 @@ class App:
                 "learnt", s.checkpoint.dir, where, s.kafka.group_id,
             )  # fmt: skip
             return
+        if self.reset_model:
+            log.warning(
+                "--reset-model: a new model starts from the group %s's committed offsets (%s); "
+                "inputs before them are not learnt", s.kafka.group_id, where,
+            )  # fmt: skip
+            return
         lost = (
             f"no checkpoint in {s.checkpoint.dir}, but the group {s.kafka.group_id} has "
             f"committed offsets ({where}): the checkpoint volume was lost or replaced"

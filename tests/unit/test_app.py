@@ -162,6 +162,7 @@ def make_app(
     dim: int | None = DIM,
     when_lost: str = "new-model",
     model_reader: Any = None,
+    reset_model: bool = False,
 ) -> App:
     settings = Settings.model_validate(
         {
@@ -191,7 +192,7 @@ def make_app(
             yield Clients(source, sink, txn, model_reader=model_reader)
 
     registry = CollectorRegistry() if own_registry else None
-    app = App(settings, registry=registry, clients=clients)
+    app = App(settings, reset_model=reset_model, registry=registry, clients=clients)
     app.start()
     return app
 
@@ -416,6 +417,21 @@ def test_a_lost_volume_stops_the_daemon_when_asked(tmp_path: Path) -> None:
     assert app.model is None and producer.values() == []  # nothing learnt, nothing published
     assert len(app.batcher) == 0 and app.offsets.positions == {}
     assert not (tmp_path / "ckpt" / "origins.json").exists()  # the next start stops again
+
+
+def test_reset_model_starts_a_new_model_whatever_when_lost_says(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    consumer = FakeConsumer(committed={0: 500})
+    app = make_app(
+        tmp_path, FakeProducer(), consumer, "at-least-once", when_lost="stop", reset_model=True
+    )
+    with app.connected(), caplog.at_level("WARNING"):
+        consumer.assign(0)
+        consumer.queue = messages(500, 4)
+        app.turn()  # no exit: the operator asked for a new model
+    assert app.model is not None and app.model.n_samples_seen_ == 4
+    assert "--reset-model: a new model starts" in caplog.text and "in[0]@500" in caplog.text
 
 
 @pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
