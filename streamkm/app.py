@@ -44,12 +44,13 @@ from streamkm.checkpointer import Checkpointer
 from streamkm.clients import ClientFactory, Clients, kafka_clients
 from streamkm.codec import VectorDecoder
 from streamkm.config import Settings
-from streamkm.errors import FencedError, StreamkmError
+from streamkm.errors import CheckpointError, FencedError, RestoreError, StreamkmError
 from streamkm.health import Health
 from streamkm.learner import Learner, learner_from_settings
 from streamkm.metrics import Metrics
 from streamkm.offsets import ORIGINS_FILE, OffsetTracker, TopicPart, format_offsets
 from streamkm.records import DeadLetter
+from streamkm.restore import NOT_RESTORED, calibrated, model_from_record, pause, resume
 from streamkm.shared.replica import Replica
 from streamkm.shared.sync import DeltaBuilder, SharedLearner, SyncLog
 from streamkm.sink import TransactionAborted
@@ -65,6 +66,8 @@ _LAG_EVERY_S = 1.0
 _TOPIC_CHECK_S = 10.0
 # Valid messages that must agree on a width before it becomes the input's dimension.
 DIM_QUORUM = 8
+# checkpoint.when_lost = "restore-from-model-topic", refused: read the model topic again after.
+RESTORE_RETRY_S = 30.0
 
 
 @dataclass
@@ -177,6 +180,12 @@ class App:
         self._clients: Clients | None = None
         self._dead: list[DeadLetter] = []  # consumed since the last batch, in arrival order
         self._group_check_due = False
+        # A lost checkpoint volume whose restore from the model topic was refused: the reason
+        # (readiness), and where each partition starts once a model is restored.
+        self._held: str | None = None
+        self._held_starts: dict[TopicPart, int] = {}
+        self._next_restore = 0.0
+        self._calibrate = False  # a model restored from the topic: spreads from its 1st batch
 
     @property
     def model(self) -> Any:
@@ -295,6 +304,12 @@ class App:
         """One turn of the loop: consume a bulk, run a batch if one is due, checkpoint if due."""
         source, sink = self._parts()
         self.health.beat()
+        if self._held is not None:
+            self._hold_turn(source)
+            sink.poll()
+            self._check()
+            self.metrics.ready.set(0.0)
+            return
         need = self._rows_needed()
         if need > 0 and self.decoder.dim is None:
             self._infer_dim(source, source.consume_messages(need, self._idle_wait_s))
@@ -306,8 +321,11 @@ class App:
             timeout = min(_POLL_MAX_S, self._idle_wait_s if due is None else due)
             began = time.monotonic()
             bulk = source.consume(need, timeout)
-            if bulk is not None:
+            if bulk is not None and self._held is None:
                 self._take(bulk, began)
+            elif bulk is not None:  # held during this call: read again once a model is restored
+                for key, o in bulk.first.items():
+                    self._held_starts.setdefault(key, o)
         sink.poll()
         self._check()
         sync = self._sync()
@@ -359,6 +377,9 @@ class App:
         (without keeping them) until one width has a quorum, then read them all again from
         the first offsets seen. A stray message cannot fix the dimension on its own."""
         probe = self._dim_probe
+        if self.decoder.dim is not None:  # a model restored during this call fixed it
+            source.seek(self.offsets.rewind_targets(_first_offsets(messages)))
+            return
         for m in messages:
             key = (m.topic(), m.partition())
             probe.first.setdefault(key, m.offset())
@@ -391,34 +412,130 @@ class App:
             absorbed = {} if replica is None else replica.absorbed
             starts = self.offsets.on_assigned_shared(partitions, committed, absorbed)
         else:
-            self._warn_if_checkpoints_lost(partitions, committed)
             starts = self.offsets.on_assigned(partitions, committed)
+            self._when_checkpoints_lost(partitions, committed, starts)
         self.health.clear_kafka_error()
         self._group_check_due = True
         return starts
 
-    def _warn_if_checkpoints_lost(
-        self, partitions: list[TopicPart], committed: Mapping[TopicPart, int]
+    def _when_checkpoints_lost(
+        self,
+        partitions: list[TopicPart],
+        committed: Mapping[TopicPart, int],
+        starts: Mapping[TopicPart, int],
     ) -> None:
-        """The group has moved on but this instance has no checkpoint of it: say so loudly."""
+        """The group has moved on but this instance has no checkpoint of it: say so loudly,
+        and do what ``checkpoint.when_lost`` says before the model sees any input."""
+        if self._held is not None:  # still waiting for a model: these wait with the others
+            self._hold_from(partitions, committed, starts)
+            return
         known = self.offsets.positions.keys() | self.offsets.origins.keys()
         orphans = sorted(k for k in partitions if k in committed and k not in known)
         if not orphans:
             return
+        s = self.settings
         where = ", ".join(f"{t}[{p}]@{committed[(t, p)]}" for t, p in orphans)
-        restore = (
-            f" The model topic {self.settings.kafka.model_topic} holds the last published "
-            "model: its centroids, saved as a .npy, can seed the new one (model.init)."
-            if self.settings.kafka.model_topic
-            else ""
+        if self.learner.fitted:
+            log.error(
+                "the model in %s has no offsets of %s, but the group %s has committed offsets "
+                "there: the model takes them on from those offsets; inputs before them are not "
+                "learnt", s.checkpoint.dir, where, s.kafka.group_id,
+            )  # fmt: skip
+            return
+        if self.reset_model:
+            log.warning(
+                "--reset-model: a new model starts from the group %s's committed offsets (%s); "
+                "inputs before them are not learnt", s.kafka.group_id, where,
+            )  # fmt: skip
+            return
+        lost = (
+            f"no checkpoint in {s.checkpoint.dir}, but the group {s.kafka.group_id} has "
+            f"committed offsets ({where}): the checkpoint volume was lost or replaced"
         )
+        topic = s.kafka.model_topic
+        choices = (
+            "The choices: put the checkpoint files back and restart (nothing is lost); "
+            + (
+                f'checkpoint.when_lost = "restore-from-model-topic" goes on from the newest '
+                f"model in {topic}; "
+                if topic
+                else "with kafka.model_topic set, checkpoint.when_lost = "
+                '"restore-from-model-topic" goes on from the newest published model; '
+            )
+            + '"new-model" starts a new model from those offsets (inputs before them are not '
+            "learnt); reset the group's offsets to relearn what Kafka still holds; "
+            '"stop" exits instead'
+        )
+        policy = s.checkpoint.when_lost
+        if policy == "stop":
+            raise CheckpointError(f'{lost}. checkpoint.when_lost = "stop": exiting. {choices}')
+        if policy == "restore-from-model-topic":
+            log.error("%s. Restoring the newest model from %s", lost, topic)
+            self._restore_from_model_topic(where)
+            if self._held is not None:
+                self._hold_from(partitions, committed, starts)
+            return
         log.error(
-            "no checkpoint in %s, but the group %s has committed offsets (%s): the checkpoint "
-            "volume was lost or replaced. Starting a NEW model from those offsets; inputs before "
-            "them are not learnt. To start over from the beginning instead, stop and reset the "
-            "group's offsets; to keep the old model, restore the checkpoint directory.%s",
-            self.settings.checkpoint.dir, self.settings.kafka.group_id, where, restore,
+            '%s. checkpoint.when_lost = "new-model": starting a NEW model from those offsets; '
+            "inputs before them are not learnt. %s", lost, choices,
         )  # fmt: skip
+
+    def _hold_from(
+        self,
+        partitions: list[TopicPart],
+        committed: Mapping[TopicPart, int],
+        starts: Mapping[TopicPart, int],
+    ) -> None:
+        """Note where each partition starts once a model is restored."""
+        for key in partitions:
+            start = starts.get(key, committed.get(key))
+            if start is not None:
+                self._held_starts[key] = start
+
+    def _restore_from_model_topic(self, where: str = "") -> None:
+        """Replace the new model by the newest one of the model topic; else hold the input."""
+        s = self.settings
+        topic = s.kafka.model_topic
+        reader = None if self._clients is None else self._clients.model_reader
+        self._next_restore = time.monotonic() + RESTORE_RETRY_S
+        try:
+            if reader is None:
+                raise RestoreError("kafka.model_topic is not set")
+            model, rec = model_from_record(reader(), s)
+        except StreamkmError as exc:
+            self._held = (
+                f"checkpoint volume lost and no model restored from the model topic {topic}: "
+                f"{exc}; input held, retried every {RESTORE_RETRY_S:.0f} s (or set "
+                'checkpoint.when_lost = "new-model" or "stop")'
+            )
+            log.error("%s", self._held)
+            return
+        self.learner = self._new_learner(model)
+        self.decoder.dim = rec["dim"]
+        self._calibrate = True
+        self.metrics.record_model(model)
+        log.warning(
+            "restored model version %d (%d samples, %d clusters, dimension %d) from the model "
+            "topic %s; it goes on from the group's committed offsets%s. Not restored: %s",
+            rec["model_version"], rec["n_samples_seen"], rec["n_clusters"], rec["dim"], topic,
+            f" ({where})" if where else "", NOT_RESTORED,
+        )  # fmt: skip
+        self._held = None
+
+    def _hold_turn(self, source: Any) -> None:
+        """Held: no input reaches the model (its partitions are paused) until one is restored."""
+        held = sorted(self.offsets.assigned)
+        pause(source, held)
+        for m in source.consume_messages(1, _POLL_MAX_S):  # keeps the group membership
+            self._held_starts.setdefault((m.topic(), m.partition()), m.offset())
+        if time.monotonic() >= self._next_restore:
+            self._restore_from_model_topic()
+        if self._held is None:
+            resume(source, sorted(self.offsets.assigned))
+            starts = {k: o for k, o in self._held_starts.items() if k in self.offsets.assigned}
+            source.seek(starts)
+            self._held_starts = {}
+            self._dim_probe = _DimProbe()
 
     def on_revoked(self, partitions: list[TopicPart]) -> None:
         """Finish and checkpoint what is held before the partitions go."""
@@ -442,6 +559,7 @@ class App:
     def _let_go(self, partitions: list[TopicPart]) -> None:
         for key in partitions:
             self._dim_probe.first.pop(key, None)
+            self._held_starts.pop(key, None)
         self.offsets.let_go(partitions)
         for key in partitions:
             self._deltas.forget(key)
@@ -484,6 +602,9 @@ class App:
         """Label, learn and publish one batch; exactly-once, inside the open transaction
         (begun here if none is), which commits once it is ``delivery.transaction_ms`` old."""
         _, sink = self._parts()
+        if self._calibrate and len(batch):  # restored from the model topic: no spreads yet
+            self.learner = self._new_learner(calibrated(self.learner.estimator, batch.X))
+            self._calibrate = False
         txn = self._txn()
         dead, self._dead = self._dead, []
         first, after = self.offsets.take_pending()
@@ -721,6 +842,8 @@ class App:
         return self.health.live()
 
     def _ready(self) -> tuple[bool, str]:
+        if self._held is not None:
+            return False, self._held
         topics = self._topics
         if self.offsets.assigned and self.decoder.dim is None:
             votes = self._dim_probe.votes
@@ -734,6 +857,13 @@ class App:
             topic = self.settings.kafka.input_topic
             return False, f"input topic {topic} does not exist; waiting for it"
         return self.health.ready(assigned=bool(self.offsets.assigned), fitted=self.learner.fitted)
+
+
+def _first_offsets(messages: list[Any]) -> dict[TopicPart, int]:
+    first: dict[TopicPart, int] = {}
+    for m in messages:
+        first.setdefault((m.topic(), m.partition()), m.offset())
+    return first
 
 
 __all__ = ["EXIT_ERROR", "EXIT_OK", "App"]

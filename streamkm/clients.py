@@ -15,6 +15,7 @@ Examples
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from streamkm.kafka import (
     topic_max_message_bytes,
 )
 from streamkm.metrics import Metrics
+from streamkm.restore import read_newest_model
 from streamkm.shared.sync import SyncLog
 from streamkm.sink import DeliveryReports, Sink, Transactions
 from streamkm.source import Source
@@ -54,12 +56,16 @@ class Clients:
         The producer's transactional calls, in exactly-once mode.
     sync : SyncLog or None
         Shared-model mode (``kafka.sync_topic``): the sync log's reader and writer.
+    model_reader : callable or None
+        With ``kafka.model_topic``: reads the value of the group's newest model record there
+        (None when there is none); see :func:`streamkm.restore.read_newest_model`.
     """
 
     source: Source
     sink: Sink
     transactions: Transactions | None
     sync: SyncLog | None = None
+    model_reader: Callable[[], bytes | None] | None = None
 
 
 class ClientFactory(Protocol):
@@ -154,7 +160,10 @@ def kafka_clients(
             )
         # Entered last, closed first: the group is left before the producer's last flush.
         stack.enter_context(source)
-        yield Clients(source, sink, transactions, sync)
+        model_reader = None
+        if kafka.model_topic is not None:
+            model_reader = functools.partial(read_newest_model, settings)
+        yield Clients(source, sink, transactions, sync, model_reader)
 
 
 __all__ = ["ClientFactory", "Clients", "kafka_clients"]

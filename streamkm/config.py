@@ -160,6 +160,11 @@ class CheckpointSettings(_Section):
     # Also checkpoint after this many batches (unset: on the interval only).
     every_batches: int | None = Field(default=None, ge=1)
     keep: int = Field(default=3, ge=1)
+    # The directory has no checkpoint but the group has committed offsets (a lost volume):
+    # "new-model" starts a new model from those offsets (with an error in the log),
+    # "restore-from-model-topic" goes on from the newest model in kafka.model_topic, "stop"
+    # exits with status 1.
+    when_lost: Literal["new-model", "restore-from-model-topic", "stop"] = "new-model"
 
 
 class TopicsSettings(_Section):
@@ -238,6 +243,14 @@ class Settings(BaseSettings):
         if cls.toml_file is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls.toml_file))
         return tuple(sources)
+
+    @model_validator(mode="after")
+    def _restore_needs_a_model_topic(self) -> Settings:
+        if self.checkpoint.when_lost == "restore-from-model-topic" and not self.kafka.model_topic:
+            raise ValueError(
+                'checkpoint.when_lost = "restore-from-model-topic" needs kafka.model_topic'
+            )
+        return self
 
     # -- derived views -------------------------------------------------------------------
 

@@ -38,6 +38,10 @@ class CheckpointError(StreamkmError):
     """A checkpoint could not be written, or none that fits could be read."""
 
 
+class RestoreError(StreamkmError):
+    """A model could not be restored from the model topic (none there, or not a fitting one)."""
+
+
 class KafkaClientError(StreamkmError):
     """A Kafka operation failed; ``code`` keeps librdkafka's error code when there is one.
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -139,3 +141,93 @@ def test_checkpoint_dir_lost_mid_run_stops_with_a_clear_error(
     assert "Traceback" not in d.log_path.read_text()
     # What was written before is intact and readable.
     assert 0 < read_checkpoint(kept).model.n_samples_seen_ <= 1000
+
+
+def test_a_lost_checkpoint_volume_stops_or_goes_on_from_the_model_topic(
+    tmp_path: Path, kafka_bootstrap: str, make_topic, group_id: str
+) -> None:
+    src, out = make_topic(), make_topic()
+    models = make_topic(**{"cleanup.policy": "compact"})
+    X, truth = blobs(2400, seed=14)
+    produce_values(kafka_bootstrap, src, raw(X[:1200]))
+    ckpt_dir = tmp_path / "volume"
+
+    def daemon(name: str, when_lost: str) -> Daemon:
+        return Daemon(
+            tmp_path / name, kafka_bootstrap, src, out,
+            kafka={"group_id": group_id, "model_topic": models},
+            checkpoint={"dir": str(ckpt_dir), "when_lost": when_lost},
+        )  # fmt: skip
+
+    with daemon("first", "new-model") as first:
+        first.start()
+        first.wait_metric("streamkm_samples_seen", 1200)
+        assert first.stop() == 0  # its last checkpoint commits the offsets, then publishes
+    published = json.loads(drain(kafka_bootstrap, models)[-1].value())
+    assert published["n_samples_seen"] == 1200
+    shutil.rmtree(ckpt_dir)  # the volume is lost; the group's offsets stay at 1200
+
+    with daemon("stop", "stop") as stop:
+        stop.start()
+        assert stop.wait_exit(90) == 1
+    log = stop.log_path.read_text()
+    assert f"({src}[0]@1200): the checkpoint volume was lost" in log
+    assert 'checkpoint.when_lost = "stop": exiting' in log and "Traceback" not in log
+    assert not list(ckpt_dir.iterdir())  # nothing written: the next start decides again
+
+    produce_values(kafka_bootstrap, src, raw(X[1200:]))
+    with daemon("restore", "restore-from-model-topic") as restore:
+        restore.start()
+        restore.wait_log(rf"restored model version {published['model_version']} \(1200 samples")
+        restore.wait_metric("streamkm_samples_seen", len(X))
+        assert restore.stop() == 0
+    ckpt = read_checkpoint(ckpt_dir)
+    # The model went on from the published one: its counts and version continue.
+    assert ckpt.model.n_samples_seen_ == len(X)
+    assert ckpt.model.counts_.sum() == pytest.approx(len(X))
+    assert ckpt.model.n_steps_ > published["model_version"]
+    got = [json.loads(m.value()) for m in drain(kafka_bootstrap, out, expected=len(X))]
+    after = [a for a in got if a["offset"] >= 1200]
+    assert sorted(a["offset"] for a in after) == list(range(1200, len(X)))
+    assert min(a["model_version"] for a in after) == published["model_version"] + 1
+    # ... and with its centroids: each blob keeps the cluster number it had before.
+    before = {truth[a["offset"]]: a["cluster"] for a in got if a["offset"] < 1200}
+    assert all(a["cluster"] == before[truth[a["offset"]]] for a in after)
+
+
+def test_a_restore_without_a_model_in_the_topic_holds_the_input_and_stays_up(
+    tmp_path: Path, kafka_bootstrap: str, make_topic, group_id: str
+) -> None:
+    src, out = make_topic(), make_topic()
+    models = make_topic(**{"cleanup.policy": "compact"})  # no model of this group in it
+    X, _ = blobs(900, seed=15)
+    produce_values(kafka_bootstrap, src, raw(X[:600]))
+    ckpt_dir = tmp_path / "volume"
+    kafka = {"group_id": group_id}
+    with Daemon(tmp_path / "a", kafka_bootstrap, src, out, kafka=kafka,
+                checkpoint={"dir": str(ckpt_dir)}) as first:  # fmt: skip
+        first.start()
+        first.wait_metric("streamkm_samples_seen", 600)
+        assert first.stop() == 0
+    shutil.rmtree(ckpt_dir)
+    produce_values(kafka_bootstrap, src, raw(X[600:]))
+    with Daemon(
+        tmp_path / "b", kafka_bootstrap, src, out, kafka={**kafka, "model_topic": models},
+        checkpoint={"dir": str(ckpt_dir), "when_lost": "restore-from-model-topic"},
+    ) as held:  # fmt: skip
+        held.start()
+        held.wait_log("no model restored from the model topic")
+        body = held.wait_http("/readyz", status=503)
+        assert "it holds no model of this group" in body and "input held" in body
+        assert held.metric("streamkm_ready") == 0 and held.metric("streamkm_samples_seen") == 0
+        # It stays up and held over several turns (each waits 0.5 s on the paused partitions).
+        until = time.monotonic() + 3.0
+        while time.monotonic() < until:
+            held.assert_running()
+            assert held.get("/healthz")[0] == 200 and held.get("/readyz")[0] == 503
+            time.sleep(0.2)
+        assert held.stop() == 0
+    # Nothing of the 300 new inputs was consumed into a model or published, and nothing was
+    # written: the next start meets the same choice.
+    assert len(drain(kafka_bootstrap, out, expected=600)) == 600
+    assert not list(ckpt_dir.iterdir())

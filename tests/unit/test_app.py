@@ -10,6 +10,7 @@ Abortable errors are hard to provoke on a healthy broker, hence a producer that 
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,8 @@ from streamkm.app import App
 from streamkm.clients import Clients
 from streamkm.codec import REASONS
 from streamkm.config import Settings
-from streamkm.errors import FencedError
+from streamkm.errors import CheckpointError, FencedError
+from streamkm.learner import learner_from_settings
 from streamkm.sink import DeliveryReports, Sink, Transactions
 from streamkm.source import Source
 
@@ -88,6 +90,7 @@ class FakeConsumer:
         self.closed = False
         self.pos: dict[int, int] = {}
         self.high: dict[int, int] = {}  # end offset of each partition, as the broker says
+        self.paused: set[int] = set()
 
     def subscribe(self, topics: list[str], **callbacks: Any) -> None:
         self.callbacks = callbacks
@@ -115,7 +118,15 @@ class FakeConsumer:
             for tp in partitions
         ]
 
+    def pause(self, tps: list[TopicPartition]) -> None:
+        self.paused |= {tp.partition for tp in tps}
+
+    def resume(self, tps: list[TopicPartition]) -> None:
+        self.paused -= {tp.partition for tp in tps}
+
     def consume(self, num_messages: int, timeout: float) -> list[Any]:
+        if self.paused:  # paused partitions bring nothing
+            return []
         out, self.queue = self.queue[:num_messages], self.queue[num_messages:]
         for m in out:
             self.pos[m.partition()] = m.offset() + 1
@@ -149,13 +160,21 @@ def make_app(
     own_registry: bool = True,
     transaction_ms: int = 0,
     dim: int | None = DIM,
+    when_lost: str = "new-model",
+    model_reader: Any = None,
+    reset_model: bool = False,
 ) -> App:
     settings = Settings.model_validate(
         {
-            "kafka": {"input_topic": "in", "output_topic": "out", "dead_letter_topic": "dead"},
+            "kafka": {
+                "input_topic": "in",
+                "output_topic": "out",
+                "dead_letter_topic": "dead",
+                "model_topic": "models" if model_reader is not None else None,
+            },
             "input": {"format": "float32", "dim": dim},
             "model": {"n_clusters": 2, "batch_size": 4, "init_size": 4, "seed": 0},
-            "checkpoint": {"dir": str(tmp_path / "ckpt")},
+            "checkpoint": {"dir": str(tmp_path / "ckpt"), "when_lost": when_lost},
             "delivery": {"guarantee": guarantee, "transaction_ms": transaction_ms},
         }
     )
@@ -170,10 +189,10 @@ def make_app(
         sink = Sink(producer, reports, "out", dead_letter_topic="dead", transactions=txn)
         source = Source(consumer, "in", decoder, read_committed_offsets=True)
         with sink, source:
-            yield Clients(source, sink, txn)
+            yield Clients(source, sink, txn, model_reader=model_reader)
 
     registry = CollectorRegistry() if own_registry else None
-    app = App(settings, registry=registry, clients=clients)
+    app = App(settings, reset_model=reset_model, registry=registry, clients=clients)
     app.start()
     return app
 
@@ -370,6 +389,132 @@ def test_a_lost_checkpoint_volume_is_said_loudly(
     with app.connected(), caplog.at_level("ERROR"):
         consumer.assign(0)
     assert "no checkpoint in" in caplog.text and "in[0]@500" in caplog.text
+
+
+def published_model(version: int = 7) -> tuple[bytes, Any]:
+    """A model record as the daemon publishes it, and the model it was taken from."""
+    from streamkm.learner import KMeansLearner
+    from streamkm.records import model_record
+
+    learner = learner_from_settings(
+        Settings.model_validate({"model": {"n_clusters": 2, "batch_size": 4, "seed": 0}})
+    )
+    rng = np.random.default_rng(5)
+    for _ in range(version):
+        learner.step(np.concatenate([rng.normal(0, 1, (2, DIM)), rng.normal(9, 1, (2, DIM))]))
+    assert isinstance(learner, KMeansLearner) and learner.version == version
+    return model_record(learner.version, learner.public_state()), learner.estimator
+
+
+def test_a_lost_volume_stops_the_daemon_when_asked(tmp_path: Path) -> None:
+    producer, consumer = FakeProducer(), FakeConsumer(committed={0: 500})
+    app = make_app(tmp_path, producer, consumer, "at-least-once", when_lost="stop")
+    with app.connected():
+        consumer.assign(0)
+        consumer.queue = messages(500, 4)
+        with pytest.raises(CheckpointError, match=r'in\[0\]@500.*when_lost = "stop": exiting'):
+            app.turn()
+    assert app.model is None and producer.values() == []  # nothing learnt, nothing published
+    assert len(app.batcher) == 0 and app.offsets.positions == {}
+    assert not (tmp_path / "ckpt" / "origins.json").exists()  # the next start stops again
+
+
+def test_reset_model_starts_a_new_model_whatever_when_lost_says(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    consumer = FakeConsumer(committed={0: 500})
+    app = make_app(
+        tmp_path, FakeProducer(), consumer, "at-least-once", when_lost="stop", reset_model=True
+    )
+    with app.connected(), caplog.at_level("WARNING"):
+        consumer.assign(0)
+        consumer.queue = messages(500, 4)
+        app.turn()  # no exit: the operator asked for a new model
+    assert app.model is not None and app.model.n_samples_seen_ == 4
+    assert "--reset-model: a new model starts" in caplog.text and "in[0]@500" in caplog.text
+
+
+@pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
+def test_a_lost_volume_restores_the_newest_published_model(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, guarantee: str
+) -> None:
+    record, published = published_model(version=7)
+    producer, consumer = FakeProducer(), FakeConsumer(committed={0: 500})
+    app = make_app(
+        tmp_path, producer, consumer, guarantee, dim=None,
+        when_lost="restore-from-model-topic", model_reader=lambda: record,
+    )  # fmt: skip
+    with app.connected(), caplog.at_level("WARNING"):
+        consumer.assign(0)
+        # Before any input: the model is the published one, and the dimension is its own.
+        assert app.model is not None and app.model.n_steps_ == 7
+        assert app.model.n_samples_seen_ == published.n_samples_seen_ == 28
+        np.testing.assert_array_equal(app.model.cluster_centers_, published.cluster_centers_)
+        np.testing.assert_array_equal(app.model.counts_, published.counts_)
+        assert app.decoder.dim == DIM and app._ready() == (True, "ok")
+        consumer.queue = messages(500, 4)
+        app.turn()
+        app.checkpoint()
+    assert "restored model version 7 (28 samples" in caplog.text and "in[0]@500" in caplog.text
+    assert "Not restored: the sample" in caplog.text
+    out = [json.loads(v) for v in producer.values()]
+    assert [a["offset"] for a in out] == [500, 501, 502, 503]
+    assert {a["model_version"] for a in out} == {8}  # labelled by the model it went on with
+    assert app.model.n_samples_seen_ == 32
+    assert app.model.counts_.sum() == pytest.approx(published.counts_.sum() + 4)
+    # Its spreads come from that first batch: an ordinary input scores near 1, not 1e9.
+    assert max(a["score"] for a in out) < 100
+    # From now on it is checkpointed like any model, and a restart goes on from there.
+    restarted = make_app(tmp_path, FakeProducer(), FakeConsumer(), guarantee, dim=None)
+    assert restarted.model.n_steps_ == 8 and restarted.offsets.positions == {("in", 0): 504}
+
+
+@pytest.mark.parametrize(
+    ("record", "reason"),
+    [
+        (None, "holds no model of this group"),
+        (b"{not json", "not JSON"),
+        ("k", "has 3 clusters but model.n_clusters is 2"),
+        ("d", f"has dimension 5 but input.dim is {DIM}"),
+    ],
+)
+def test_a_restore_that_cannot_be_done_holds_the_input_and_is_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, record: Any, reason: str
+) -> None:
+    import streamkm.app
+
+    good, _ = published_model(version=3)
+    if record in ("k", "d"):
+        rec = json.loads(good)
+        shape = (3, DIM) if record == "k" else (2, 5)
+        rec.update(n_clusters=shape[0], dim=shape[1], centroids=np.zeros(shape).tolist(),
+                   counts=[1.0] * shape[0])  # fmt: skip
+        record = json.dumps(rec).encode()
+    topic = {"value": record}
+    producer, consumer = FakeProducer(), FakeConsumer(committed={0: 500})
+    app = make_app(
+        tmp_path, producer, consumer, "at-least-once",
+        when_lost="restore-from-model-topic", model_reader=lambda: topic["value"],
+    )  # fmt: skip
+    with app.connected():
+        consumer.assign(0)
+        consumer.queue = messages(500, 8)
+        for _ in range(3):
+            app.turn()  # alive and turning, but the input waits
+        ready, why = app._ready()
+        assert not ready and reason in why and "checkpoint.when_lost" in why
+        assert app.model is None and producer.values() == [] and consumer.paused == {0}
+        assert app.metrics.registry.get_sample_value("streamkm_ready") == 0.0
+        assert not (tmp_path / "ckpt" / "origins.json").exists()
+        topic["value"] = good  # the model topic holds a fitting model now
+        monkeypatch.setattr(streamkm.app, "RESTORE_RETRY_S", 0.0)
+        app._next_restore = 0.0
+        app.turn()  # restores, resumes and reads from the group's offsets
+        assert app.model is not None and app.model.n_steps_ == 3
+        assert consumer.paused == set() and consumer.seeks == [(0, 500)]
+        app.turn()
+        app.turn()
+    assert offsets_of(producer.values()) == list(range(500, 508))
 
 
 def test_one_stray_message_cannot_fix_the_inferred_dimension(tmp_path: Path) -> None:

@@ -183,3 +183,20 @@ def test_client_limits_follow_the_input_limit_and_can_be_overridden() -> None:
         {"kafka": {"client": {"topic.metadata.refresh.interval.ms": 60_000}}}
     )
     assert consumer_config(s, noop, None)["topic.metadata.refresh.interval.ms"] == 60_000
+
+
+def test_checkpoint_when_lost(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().checkpoint.when_lost == "new-model"  # as before the setting existed
+    monkeypatch.setenv("STREAMKM_CHECKPOINT__WHEN_LOST", "stop")
+    assert load_settings(None).checkpoint.when_lost == "stop"
+    monkeypatch.setenv("STREAMKM_CHECKPOINT__WHEN_LOST", "restore-from-model-topic")
+    with pytest.raises(ConfigError, match=r"needs kafka\.model_topic"):
+        load_settings(None)  # the model topic is where the model comes from
+    path = write(tmp_path, '[kafka]\nmodel_topic = "models"\n')
+    assert load_settings(path).checkpoint.when_lost == "restore-from-model-topic"
+    monkeypatch.setenv("STREAMKM_CHECKPOINT__WHEN_LOST", "guess")
+    with pytest.raises(ConfigError, match=r"^checkpoint\.when_lost: .*STREAMKM_CHECKPOINT__"):
+        load_settings(path)
+    monkeypatch.delenv("STREAMKM_CHECKPOINT__WHEN_LOST")
+    shown = _cli("config", "show", "--config", str(path))
+    assert shown.returncode == 0 and 'when_lost = "new-model"' in shown.stdout

@@ -102,7 +102,7 @@ SETTINGS: dict[str, set[str]] = {
         "reassignment_ratio",
         "seed",
     },
-    "checkpoint": {"dir", "interval_s", "every_batches", "keep"},
+    "checkpoint": {"dir", "interval_s", "every_batches", "keep", "when_lost"},
     "topics": {"create", "partitions", "replication_factor", "output", "dead_letter", "model"},
     "metrics": {"host", "port"},
     "delivery": {"guarantee", "instance_id", "transaction_ms"},
