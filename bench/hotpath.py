@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from streamkm import records  # noqa: E402
+from streamkm import records as records_mod  # noqa: E402
 from streamkm.batcher import Batcher  # noqa: E402
 from streamkm.codec import VectorDecoder  # noqa: E402
 from streamkm.records import encode_assignment, encode_assignments  # noqa: E402
@@ -405,6 +406,17 @@ def main() -> int:
         now_us.append(best(lambda: encode_assignments(*args_enc), r, 200))
     rows.append(("encode: previous compiled kernel (digit pairs)", min(prev_us)))
     rows.append(("encode: compiled kernel now (constant divisors)", min(now_us)))
+    # The kernels alone (no split into records), 15 interleaved repeats, medians.
+    middle = np.frombuffer(b',"model_version":12,"topic":"vectors","partition":', np.uint8)
+    out_buf, slow = np.empty(N * 200, np.uint8), np.zeros(N, np.bool_)
+    lab64, offs64 = labels.astype(np.int64), offs.astype(np.int64)
+    kargs = (lab64, dist, score, parts_a, offs64, middle, out_buf, slow, records_mod._POW10)
+    prev_k, now_k = [], []
+    for _ in range(15):
+        prev_k.append(best(lambda: previous_write_assignments(*kargs, _PREV_PAIRS), 3, 200))
+        now_k.append(best(lambda: records_mod._write_assignments(*kargs), 3, 200))
+    rows.append(("encode kernel alone: previous, median", float(np.median(prev_k))))
+    rows.append(("encode kernel alone: now, median", float(np.median(now_k))))
 
     # Batcher.add's keys: the previous element-wise copy (a list of equal-length bytes must not
     # become a 2-D array) against what it does now: one slice when all are None, else one
