@@ -102,12 +102,12 @@ def main() -> int:
         prof = workdir / "profile.out"
         python_args = ("-m", "cProfile", "-o", str(prof)) if args.tool == "cprofile" else ()
         extra_env = dict(kv.split("=", 1) for kv in args.env)
-        proc, log, url = bench.launch(args.kind, d, k, src, dst, python_args, extra_env)
-        txn_url = url if args.kind == "streamkm-eos" else None
+        proc, log, group = bench.launch(args.kind, d, k, src, dst, python_args, extra_env)
+        txn_group = group if args.kind == "streamkm-eos" else None
         spy = None
         try:
             # Time (and attach py-spy) from the first output on: start-up is not measured.
-            bench.wait_answered(proc, log, dst, txn_url, 1)
+            bench.wait_answered(proc, log, dst, txn_group, 1)
             if args.tool == "py-spy":
                 py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
                 spy = subprocess.Popen(
@@ -116,7 +116,7 @@ def main() -> int:
                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                 )  # fmt: skip
             t0 = time.monotonic()
-            bench.wait_answered(proc, log, dst, txn_url, n)
+            bench.wait_answered(proc, log, dst, txn_group, n)
             print(f"{n:,} outputs in {time.monotonic() - t0:.1f} s (d={d}, k={k}, {args.kind})")
         finally:
             if spy is not None:

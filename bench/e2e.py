@@ -60,7 +60,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -70,12 +69,14 @@ import numpy as np
 from confluent_kafka import (
     TIMESTAMP_LOG_APPEND_TIME,
     Consumer,
+    ConsumerGroupTopicPartitions,
     KafkaError,
     KafkaException,
     Message,
     Producer,
     TopicPartition,
 )
+from confluent_kafka.admin import AdminClient
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -204,6 +205,9 @@ class Bench:
         self.n_parts: dict[str, int] = {}  # partitions of every topic created
         # One consumer, never subscribed, only asks for high watermarks.
         self.watch = Consumer({"bootstrap.servers": bootstrap, "group.id": "bench-watch"})
+        # Reads the committed offsets of exactly-once contestants' groups (an admin request:
+        # no consumer of their group.id, which would disturb the group).
+        self.admin = AdminClient({"bootstrap.servers": bootstrap})
         # One paced producer for all latency phases, its producer id obtained up front so
         # that the first paced records do not wait for it.
         self.pace_failures: list[str] = []
@@ -349,21 +353,21 @@ class Bench:
         finally:
             c.close()
 
-    def answered(self, dst: str, metrics_url: str | None) -> int:
+    def answered(self, dst: str, txn_group: str | None) -> int:
         """Inputs answered so far: the output's record count or, for a transactional
-        contestant (its ``metrics_url`` given; transaction markers take offsets too), its
-        ``streamkm_messages_assigned_total``, counted once a batch's transaction committed."""
-        if metrics_url is None:
+        contestant (its consumer group ``txn_group`` given; transaction markers take offsets
+        too), the sum of the group's committed input offsets. Those are committed by the
+        transaction that holds the outputs, so they count only what a read_committed reader
+        sees. (Not ``streamkm_messages_assigned_total``: it counts records when produced, and a
+        transaction stays open for up to ``delivery.transaction_ms`` after that.)"""
+        if txn_group is None:
             return sum(self.highs(dst))
+        request = [ConsumerGroupTopicPartitions(txn_group)]
         try:
-            with urllib.request.urlopen(metrics_url, timeout=5) as resp:
-                text = resp.read().decode()
-        except OSError:
-            return 0  # not serving yet
-        for line in text.splitlines():
-            if line.startswith("streamkm_messages_assigned_total "):
-                return int(float(line.split()[1]))
-        return 0
+            got = self.admin.list_consumer_group_offsets(request)[txn_group].result(10)
+        except KafkaException:
+            return 0  # the group's coordinator not known yet
+        return sum(tp.offset for tp in got.topic_partitions or () if tp.offset > 0)
 
     def output_times(self, dst: str, n: int) -> tuple[int, int]:
         """Append times (ms) of the first and the n-th output, over all partitions."""
@@ -390,7 +394,7 @@ class Bench:
         proc: subprocess.Popen[bytes],
         log: Path,
         dst: str,
-        metrics_url: str | None,
+        txn_group: str | None,
         n: int,
         on_poll=None,
     ) -> None:
@@ -399,7 +403,7 @@ class Bench:
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"{log.name} exited with {proc.returncode}:\n{tail(log)}")
-            have = self.answered(dst, metrics_url)
+            have = self.answered(dst, txn_group)
             if on_poll is not None:
                 on_poll(have)
             if have >= n:
@@ -421,24 +425,22 @@ class Bench:
         dst: str,
         python_args: tuple[str, ...] = (),
         extra_env: dict[str, str] | None = None,
-    ) -> tuple[subprocess.Popen[bytes], Path, str | None]:
+    ) -> tuple[subprocess.Popen[bytes], Path, str]:
         """Start a contestant; ``python_args`` go before the module (e.g. ``-m cProfile``).
 
-        Returns the process, its log and (streamkm) the address of its metrics.
+        Returns the process, its log and its consumer group.
         """
         name = f"{kind}-d{d}-{dst}"
         group = f"g-{name}"
         wd = self.workdir / name
         wd.mkdir(parents=True, exist_ok=True)
         log = wd / f"{name}.log"
-        url = None
         env = {key: v for key, v in os.environ.items() if not key.startswith("STREAMKM_")}
         env.update(extra_env or {})
         if kind.startswith("streamkm"):
             # Defaults everywhere but where it must differ: addresses, topics, group, files.
             guarantee = "exactly-once" if kind == "streamkm-eos" else "at-least-once"
             port = free_port()
-            url = f"http://127.0.0.1:{port}/metrics"
             cfg = write_config(
                 wd / "config.toml",
                 {
@@ -463,7 +465,7 @@ class Bench:
                 cmd.append("--keep-partition")
         with open(log, "ab") as fh:
             proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        return proc, log, url
+        return proc, log, group
 
     def contest(
         self,
@@ -482,14 +484,14 @@ class Bench:
         n = self.scale.messages
         kind, d, k = res.kind, res.d, res.k
         dst = self.topic(f"out-{kind}-p{res.parts}-d{d}-r{rnd}", res.parts, OUT_TOPIC_CONF)
-        proc, log, url = self.launch(kind, d, k, src, dst)
-        txn_url = url if kind == "streamkm-eos" else None
+        proc, log, group = self.launch(kind, d, k, src, dst)
+        txn_group = group if kind == "streamkm-eos" else None
 
         def sample(_: int) -> None:
             res.peak_rss_mb = max(res.peak_rss_mb, proc_mem_mb(proc.pid).get("VmHWM", 0.0))
 
         def wait(count: int) -> None:
-            self.wait_answered(proc, log, dst, txn_url, count, sample)
+            self.wait_answered(proc, log, dst, txn_group, count, sample)
 
         phases: list[Phase] = []
         try:
@@ -504,7 +506,7 @@ class Bench:
                     out_first = self.highs(dst)
                     phase = self.pace(src, rows, r, secs)
                     wait(sum(self.highs(src)))
-                    if txn_url is not None:
+                    if txn_group is not None:
                         time.sleep(0.5)  # the last commit's markers (see output_times)
                     phase.out_first, phase.out_end = out_first, self.highs(dst)
                     phases.append(phase)
@@ -517,7 +519,7 @@ class Bench:
             res.low = Latency.of(low.rate, self.latencies(kind, src, dst, low))
             # Exactly one output per input over the whole run.
             n_in = sum(self.highs(src))
-            n_out = self.count_records(dst) if txn_url else sum(self.highs(dst))
+            n_out = self.count_records(dst) if txn_group else sum(self.highs(dst))
             assert n_out == n_in, (kind, dst, n_out, n_in)
 
     def latencies(self, kind: str, src: str, dst: str, phase: Phase) -> np.ndarray:

@@ -8,12 +8,14 @@ daemon sees them; the alternatives compared are the ones its hot path chose betw
   against :class:`streamkm.source.Source` (one C-level ``map`` per field, no ``topic()``);
 * decoding: :meth:`VectorDecoder.decode_many` on a bulk of valid float32 vectors;
 * encoding the assignments: the ``%``-template encoder per record against the compiled batch
-  encoder of :mod:`streamkm.records`, and a proposed kernel for it (digits by divisions by a
-  constant, checked to write the same bytes);
-* the keys' copy in ``Batcher.add``: element by element against a proposed bulk copy;
-* producing: one ``produce`` call per record, the same through a per-record wrapper with its
-  own ``try``/``while`` (the previous code), and confluent-kafka's ``produce_batch`` (which
-  needs a dict per record, and takes no headers).
+  encoder of :mod:`streamkm.records`, and that encoder with its previous kernel (digit pairs
+  from a table, digits counted by repeated division), checked to write the same bytes;
+* the keys' copy in ``Batcher.add``: element by element (previous) against its bulk copy;
+* producing: one ``produce`` call per record from a Python loop (the previous ``Sink``), what
+  :meth:`Sink._produce_all` does now (a ``map`` of ``produce`` drained in C, without a key
+  argument when no record has a key), the same through a per-record wrapper with its own
+  ``try``/``while`` (older code), and confluent-kafka's ``produce_batch`` (which needs a dict
+  per record, and takes no headers).
 
 The producer points at an address where no broker listens: ``produce`` only queues locally,
 which is the Python-side cost the daemon pays per record.
@@ -38,9 +40,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from streamkm import records  # noqa: E402
+from streamkm import records as records_mod  # noqa: E402
 from streamkm.batcher import Batcher  # noqa: E402
 from streamkm.codec import VectorDecoder  # noqa: E402
 from streamkm.records import encode_assignment, encode_assignments  # noqa: E402
+from streamkm.sink import DeliveryReports, Sink  # noqa: E402
 from streamkm.source import Source  # noqa: E402
 
 N = 1024
@@ -48,68 +52,104 @@ D = 16
 TOPIC = "vectors"
 
 
-# -- proposals, not in streamkm yet ------------------------------------------------------------
+# -- the previous kernel, for comparison ------------------------------------------------------
 #
-# records._write_assignments with its digits written by divisions by the constant 10 of
-# unsigned integers (a multiply and a shift each): no digit count by repeated division, no
-# division by a variable power of ten in _put_digits. Byte for byte the same records (checked
-# in main). Numba's ints are signed and a mixed uint64/int64 expression becomes float64, hence
-# the np.uint64 constants throughout.
+# records._write_assignments as it was before its digits were written by divisions by the
+# constant 10 of unsigned integers: digit pairs from a table, digits counted by repeated
+# division, a division by a variable power of ten in _put_digits. The same bytes (checked in
+# main).
 
-_U10 = np.uint64(10)
+_PREV_PAIRS = np.frombuffer(b"".join(b"%02d" % i for i in range(100)), dtype=np.uint8).copy()
 
 
 @njit(cache=False, nogil=True)
-def _p_put_u(buf, pos, v):
-    """Write the decimal digits of uint64 v at pos; return the end."""
-    # count digits by comparison
+def _prev_put(buf, pos, src):
+    for j in range(src.shape[0]):
+        buf[pos + j] = src[j]
+    return pos + src.shape[0]
+
+
+@njit(cache=False, nogil=True)
+def _prev_n_digits(v: int) -> int:
     n = 1
-    t = np.uint64(10)
-    while n < 20 and v >= t:
+    while v >= 10000:
+        v //= 10000
+        n += 4
+    if v >= 100:
+        v //= 100
+        n += 2
+    if v >= 10:
         n += 1
-        if n == 20:
-            break
-        t = t * _U10
+    return n
+
+
+@njit(cache=False, nogil=True)
+def _prev_put_uint(buf, pos, v, n, pairs):
+    """Write the ``n`` decimal digits of ``v >= 0`` at ``pos``; return the end.
+
+    buf : uint8 (m,) OUT; pairs : uint8 (200,) IN, the digit pairs "00".."99".
+    """
     i = pos + n
-    while True:
-        i -= 1
-        buf[i] = 48 + np.uint8(v % _U10)
-        v = v // _U10
-        if i == pos:
-            break
+    while v >= 100:
+        r = (v % 100) * 2
+        v //= 100
+        i -= 2
+        buf[i] = pairs[r]
+        buf[i + 1] = pairs[r + 1]
+    if v >= 10:
+        buf[i - 2] = pairs[2 * v]
+        buf[i - 1] = pairs[2 * v + 1]
+    else:
+        buf[i - 1] = 48 + v
     return pos + n
 
 
 @njit(cache=False, nogil=True)
-def _p_put_i(buf, pos, v):
+def _prev_put_int(buf, pos, v, pairs):
+    """Write ``"%d" % v`` at ``pos``; return the end. buf : uint8 (m,) OUT."""
     if v < 0:
-        buf[pos] = 45
+        buf[pos] = 45  # "-"
         pos += 1
-        if v == -9223372036854775808:
-            return _p_put_u(buf, pos, np.uint64(9223372036854775808))
+        if v == -9223372036854775808:  # no positive counterpart in int64
+            for j, c in enumerate(b"9223372036854775808"):
+                buf[pos + j] = c
+            return pos + 19
         v = -v
-    return _p_put_u(buf, pos, np.uint64(v))
+    return _prev_put_uint(buf, pos, v, _prev_n_digits(v), pairs)
 
 
 @njit(cache=False, nogil=True)
-def _p_put_d(buf, pos, d, nd, dot):
-    """nd digits of uint64 d, a '.' after the first `dot` of them (none if dot >= nd)."""
-    length = nd + (1 if dot < nd else 0)
-    j = nd - 1
-    while j >= 0:
-        q = j + (1 if j >= dot else 0)
-        buf[pos + q] = 48 + np.uint8(d % _U10)
-        d = d // _U10
-        j -= 1
-    if dot < nd:
-        buf[pos + dot] = 46
-    return pos + length
+def _prev_put_digits(buf, pos, d, nd, dot, pairs):
+    """Write the ``nd`` digits of ``d`` with a "." after the first ``dot`` (none if dot >= nd)."""
+    if dot >= nd:
+        return _prev_put_uint(buf, pos, d, nd, pairs)
+    low_n = nd - dot
+    p10 = 1
+    for _ in range(low_n):
+        p10 *= 10
+    end = _prev_put_uint(buf, pos, d // p10, dot, pairs)
+    buf[end] = 46  # "."
+    low = d % p10
+    # The low digits keep their leading zeros: write them right-aligned over "0"s.
+    for j in range(low_n):
+        buf[end + 1 + j] = 48
+    ln = _prev_n_digits(low)
+    _prev_put_uint(buf, end + 1 + low_n - ln, low, ln, pairs)
+    return end + 1 + low_n
 
 
 @njit(cache=False, nogil=True)
-def _p_put_g9(buf, pos, x, pow10):
+def _prev_put_g9(buf, pos, x, pow10, pairs):
+    """Write ``"%.9g" % x`` (``null`` if not finite) at ``pos``; return the end, or -1.
+
+    -1 means the ninth digit is too close to a rounding tie to be decided in float64 (or x is
+    outside 1e-14..1e30): the caller formats x exactly instead. Otherwise the digits are those
+    of Python's correctly rounded ``%.9g``: ``y = |x| * 10**(8 - e)`` is one correctly rounded
+    operation on exact powers of ten, so it is within 2**-23 of the true value, and rounding it
+    is exact unless its fraction is within 5e-7 of one half.
+    """
     if x != x or x - x != 0.0:
-        buf[pos] = 110
+        buf[pos] = 110  # "null"
         buf[pos + 1] = 117
         buf[pos + 2] = 108
         buf[pos + 3] = 108
@@ -149,28 +189,27 @@ def _p_put_g9(buf, pos, x, pow10):
         e += 1
     if d < 100000000 or d >= 1000000000:
         return -1
-    u = np.uint64(d)
     nd = 9
-    while u % _U10 == 0:
-        u = u // _U10
+    while d % 10 == 0:
+        d //= 10
         nd -= 1
-    if -4 <= e < 9:
+    if -4 <= e < 9:  # fixed notation
         if e >= 0:
             if nd <= e + 1:
-                pos = _p_put_d(buf, pos, u, nd, nd)
+                pos = _prev_put_uint(buf, pos, d, nd, pairs)
                 for _ in range(e + 1 - nd):
                     buf[pos] = 48
                     pos += 1
                 return pos
-            return _p_put_d(buf, pos, u, nd, e + 1)
-        buf[pos] = 48
+            return _prev_put_digits(buf, pos, d, nd, e + 1, pairs)
+        buf[pos] = 48  # "0."
         buf[pos + 1] = 46
         pos += 2
         for _ in range(-e - 1):
             buf[pos] = 48
             pos += 1
-        return _p_put_d(buf, pos, u, nd, nd)
-    pos = _p_put_d(buf, pos, u, nd, 1)
+        return _prev_put_uint(buf, pos, d, nd, pairs)
+    pos = _prev_put_digits(buf, pos, d, nd, 1, pairs)  # exponent notation: d.dddde+XX
     buf[pos] = 101
     buf[pos + 1] = 45 if e < 0 else 43
     pos += 2
@@ -179,46 +218,54 @@ def _p_put_g9(buf, pos, x, pow10):
     if e < 10:
         buf[pos] = 48
         pos += 1
-    return _p_put_u(buf, pos, np.uint64(e))
+    return _prev_put_uint(buf, pos, e, _prev_n_digits(e), pairs)
 
 
 @njit(cache=False, nogil=True)
-def _p_put(buf, pos, src):
-    for j in range(src.shape[0]):
-        buf[pos + j] = src[j]
-    return pos + src.shape[0]
-
-
-@njit(cache=False, nogil=True)
-def proposed_write_assignments(
+def previous_write_assignments(
     labels, distances, scores, partitions, offsets, middle, buf, slow, pow10, pairs
 ):
+    """Write the JSON records of a batch, each followed by "\\n", into ``buf``.
+
+    labels, partitions, offsets : int64 (n,) IN
+    distances, scores : float64 (n,) IN
+    middle : uint8 (m,) IN — ``,"model_version":V,"topic":"T","partition":``
+    buf : uint8 (capacity,) OUT — room for the longest possible records
+    slow : bool (n,) OUT — rows with a value to format exactly in Python (left empty here)
+    pow10 : float64 (23,) IN; pairs : uint8 (200,) IN
+
+    Returns the number of bytes written.
+    """
     pos = 0
     for i in range(labels.shape[0]):
-        pos = _p_put(buf, pos, records._HEAD)
-        pos = _p_put_i(buf, pos, labels[i])
-        pos = _p_put(buf, pos, records._DISTANCE)
-        q = _p_put_g9(buf, pos, distances[i], pow10)
+        pos = _prev_put(buf, pos, records._HEAD)
+        pos = _prev_put_int(buf, pos, labels[i], pairs)
+        pos = _prev_put(buf, pos, records._DISTANCE)
+        q = _prev_put_g9(buf, pos, distances[i], pow10, pairs)
         if q < 0:
             slow[i] = True
             q = pos
-        pos = _p_put(buf, q, records._SCORE)
-        q = _p_put_g9(buf, pos, scores[i], pow10)
+        pos = _prev_put(buf, q, records._SCORE)
+        q = _prev_put_g9(buf, pos, scores[i], pow10, pairs)
         if q < 0:
             slow[i] = True
             q = pos
-        pos = _p_put(buf, q, middle)
-        pos = _p_put_i(buf, pos, partitions[i])
-        pos = _p_put(buf, pos, records._OFFSET)
-        pos = _p_put_i(buf, pos, offsets[i])
-        pos = _p_put(buf, pos, records._TAIL)
+        pos = _prev_put(buf, q, middle)
+        pos = _prev_put_int(buf, pos, partitions[i], pairs)
+        pos = _prev_put(buf, pos, records._OFFSET)
+        pos = _prev_put_int(buf, pos, offsets[i], pairs)
+        pos = _prev_put(buf, pos, records._TAIL)
     return pos
 
 
-def proposed_encode(*args: Any) -> list[bytes]:
-    """encode_assignments with the proposed kernel in place of records._write_assignments."""
+def previous_encode(*args: Any) -> list[bytes]:
+    """encode_assignments with the previous kernel in place of records._write_assignments."""
     current = records._write_assignments
-    records._write_assignments = proposed_write_assignments
+
+    def kernel(*a: Any) -> int:
+        return int(previous_write_assignments(*a, _PREV_PAIRS))
+
+    records._write_assignments = kernel
     try:
         return encode_assignments(*args)
     finally:
@@ -349,21 +396,31 @@ def main() -> int:
     rows.append(
         ("encode: %-template per record", best(lambda: per_record_template(*args_enc), r, 50))
     )
-    rows.append(
-        ("encode: compiled batch encoder", best(lambda: encode_assignments(*args_enc), r, 200))
-    )
     edge = edge_cases()
-    assert proposed_encode(*args_enc) == reference
-    assert proposed_encode(*edge) == encode_assignments(*edge)
-    rows.append(
-        (
-            "encode: proposed, constant-divisor digits",
-            best(lambda: proposed_encode(*args_enc), r, 200),
-        )
-    )
+    assert previous_encode(*args_enc) == reference
+    assert previous_encode(*edge) == encode_assignments(*edge)
+    # Interleaved, so that both see the same load.
+    prev_us, now_us = [], []
+    for _ in range(3):
+        prev_us.append(best(lambda: previous_encode(*args_enc), r, 200))
+        now_us.append(best(lambda: encode_assignments(*args_enc), r, 200))
+    rows.append(("encode: previous compiled kernel (digit pairs)", min(prev_us)))
+    rows.append(("encode: compiled kernel now (constant divisors)", min(now_us)))
+    # The kernels alone (no split into records), 15 interleaved repeats, medians.
+    middle = np.frombuffer(b',"model_version":12,"topic":"vectors","partition":', np.uint8)
+    out_buf, slow = np.empty(N * 200, np.uint8), np.zeros(N, np.bool_)
+    lab64, offs64 = labels.astype(np.int64), offs.astype(np.int64)
+    kargs = (lab64, dist, score, parts_a, offs64, middle, out_buf, slow, records_mod._POW10)
+    prev_k, now_k = [], []
+    for _ in range(15):
+        prev_k.append(best(lambda: previous_write_assignments(*kargs, _PREV_PAIRS), 3, 200))
+        now_k.append(best(lambda: records_mod._write_assignments(*kargs), 3, 200))
+    rows.append(("encode kernel alone: previous, median", float(np.median(prev_k))))
+    rows.append(("encode kernel alone: now, median", float(np.median(now_k))))
 
-    # Batcher.add copies the keys one by one (a list of equal-length bytes must not become a
-    # 2-D array); the proposal: one slice when all are None, else one np.fromiter.
+    # Batcher.add's keys: the previous element-wise copy (a list of equal-length bytes must not
+    # become a 2-D array) against what it does now: one slice when all are None, else one
+    # np.fromiter.
     held = np.empty(2 * N, dtype=object)
     no_keys: list[bytes | None] = [None] * N
     some_keys: list[bytes | None] = [b"k%07d" % i for i in range(N)]
@@ -380,10 +437,13 @@ def main() -> int:
 
     for label, keys in (("no keys", no_keys), ("bytes keys", some_keys)):
         rows.append(
-            (f"Batcher.add keys, {label}: element-wise", best(lambda k=keys: keys_loop(k), r, 500))
+            (
+                f"Batcher.add keys, {label}: element-wise (previous)",
+                best(lambda k=keys: keys_loop(k), r, 500),
+            )
         )
         rows.append(
-            (f"Batcher.add keys, {label}: proposed bulk", best(lambda k=keys: keys_bulk(k), r, 500))
+            (f"Batcher.add keys, {label}: bulk (now)", best(lambda k=keys: keys_bulk(k), r, 500))
         )
 
     producer = Producer(
@@ -419,14 +479,49 @@ def main() -> int:
             "out", [{"value": v, "key": k} for v, k in zip(records, keys, strict=True)]
         )
 
-    for name, fn in (
-        ("produce per record", plain),
+    out = Sink(producer, DeliveryReports(transactional=False), "out")
+    some = [None if i % 2 else b"k%d" % i for i in range(N)]
+
+    def sink_keyless() -> None:
+        out._produce_all("out", records, keys)
+
+    def sink_keyed() -> None:
+        out._produce_all("out", records, some)
+
+    def plain_keyed() -> None:
+        for v, k in zip(records, some, strict=True):
+            produce("out", v, k)
+
+    cases = (
+        ("produce per record, Python loop (previous Sink)", plain),
+        ("produce, Sink now: map in C, no key argument", sink_keyless),
+        ("produce per record, half keyed, Python loop", plain_keyed),
+        ("produce, half keyed, Sink now: map in C", sink_keyed),
         ("produce through a per-record wrapper", wrapped),
         ("produce_batch with a dict per record", batch),
-    ):
-        producer.purge()
-        rows.append((name, best(fn, r, 20)))
+    )
+    # Interleaved rounds, the best of each kept: the machine's load moves every figure.
+    best_of: dict[str, float] = {}
+    for _ in range(3):
+        for name, fn in cases:
+            producer.purge()
+            us = best(fn, r, 20)
+            best_of[name] = min(best_of.get(name, us), us)
     producer.purge()
+    rows += list(best_of.items())
+    # The produce call itself dominates and the machine's load moves it by more than the loop
+    # costs: the previous loop and Sink's against each other in 21 adjacent pairs.
+    pairs = []
+    for _ in range(21):
+        producer.purge()
+        before = best(plain, 3, 5)
+        producer.purge()
+        pairs.append((before, best(sink_keyless, 3, 5)))
+    producer.purge()
+    ratio = float(np.median([b for _, b in pairs]) / np.median([a for a, _ in pairs]))
+    wins = sum(b < a for a, b in pairs)
+    paired = f"produce, keyless: Sink now / previous loop, {wins} of 21 pairs faster (ratio)"
+    rows.append((paired, ratio))
 
     width = max(len(name) for name, _ in rows)
     print(f"{'µs per record (best of ' + str(r) + ', bulks of 1024)':{width}}")

@@ -186,10 +186,16 @@ class Batcher:
         self._offsets[lo:hi] = offsets
         if keys is None:
             self._keys[lo:hi] = None
+        elif isinstance(keys, np.ndarray) and keys.dtype == object and keys.ndim == 1:
+            self._keys[lo:hi] = keys
         else:
-            # Element-wise so a list of equal-length bytes is not read as a 2-D array.
-            for j, k in enumerate(keys):
-                self._keys[lo + j] = k
+            keys = keys if isinstance(keys, list) else list(keys)
+            if keys.count(None) == n:  # the usual case: no keys, one slice
+                self._keys[lo:hi] = None
+            else:
+                # Through a 1-D object array: a list of equal-length bytes assigned as it is
+                # would be read as a 2-D array.
+                self._keys[lo:hi] = np.fromiter(keys, dtype=object, count=n)
         self._timestamps[lo:hi] = -1 if timestamps is None else timestamps
         self._arrived[lo:hi] = self._clock() if arrived is None else arrived
         self._end = hi

@@ -39,7 +39,6 @@ _FLOAT_FMT = "%.9g"
 # Kafka topic names never contain it.
 _SEP = b"\n"
 _POW10 = np.array([10.0**i for i in range(23)])  # exact in float64
-_PAIRS = np.frombuffer(b"".join(b"%02d" % i for i in range(100)), dtype=np.uint8).copy()
 _HEAD = np.frombuffer(b'{"cluster":', dtype=np.uint8)
 _DISTANCE = np.frombuffer(b',"distance":', dtype=np.uint8)
 _SCORE = np.frombuffer(b',"score":', dtype=np.uint8)
@@ -130,7 +129,7 @@ def encode_assignments(
     width = len(_HEAD) + len(_DISTANCE) + len(_SCORE) + len(middle) + len(_OFFSET) + len(_TAIL)
     buf = np.empty(n * (width + _MAX_VARIABLE), dtype=np.uint8)
     slow = np.zeros(n, dtype=np.bool_)
-    end = _write_assignments(lab, dist, score, part, off, middle_arr, buf, slow, _POW10, _PAIRS)
+    end = _write_assignments(lab, dist, score, part, off, middle_arr, buf, slow, _POW10)
     out = buf[:end].tobytes().split(_SEP)
     out.pop()  # after the last separator
     if slow.any():
@@ -147,77 +146,64 @@ def warm_up() -> None:
     encode_assignments(one.astype(np.int64), one, one, 0, "t", 0, one.astype(np.int64))
 
 
-@njit(cache=True, nogil=True)
-def _n_digits(v: int) -> int:  # pragma: no cover - compiled
-    n = 1
-    while v >= 10000:
-        v //= 10000
-        n += 4
-    if v >= 100:
-        v //= 100
-        n += 2
-    if v >= 10:
-        n += 1
-    return n
+# Numba's integers are signed, and an expression mixing uint64 and int64 becomes float64: the
+# digit writers work on np.uint64 values with np.uint64 constants, so that every division is
+# by the constant 10 of an unsigned integer (a multiply and a shift, no division instruction).
+_U10 = np.uint64(10)
 
 
-@njit(cache=True, nogil=True)
-def _put_uint(buf, pos, v, n, pairs):  # pragma: no cover
-    """Write the ``n`` decimal digits of ``v >= 0`` at ``pos``; return the end.
+@njit(cache=True, nogil=True, inline="always")
+def _put_uint(buf, pos, v):  # pragma: no cover - compiled
+    """Write the decimal digits of ``v`` (uint64) at ``pos``; return the end.
 
-    buf : uint8 (m,) OUT; pairs : uint8 (200,) IN, the digit pairs "00".."99".
+    buf : uint8 (m,) OUT. The digits are counted by comparisons, then written right to left.
     """
+    n = 1
+    t = _U10
+    while v >= t:
+        n += 1
+        if n == 20:  # 10**20 does not fit in a uint64
+            break
+        t = t * _U10
     i = pos + n
-    while v >= 100:
-        r = (v % 100) * 2
-        v //= 100
-        i -= 2
-        buf[i] = pairs[r]
-        buf[i + 1] = pairs[r + 1]
-    if v >= 10:
-        buf[i - 2] = pairs[2 * v]
-        buf[i - 1] = pairs[2 * v + 1]
-    else:
-        buf[i - 1] = 48 + v
+    while True:
+        i -= 1
+        buf[i] = 48 + np.uint8(v % _U10)
+        v = v // _U10
+        if i == pos:
+            break
     return pos + n
 
 
-@njit(cache=True, nogil=True)
-def _put_int(buf, pos, v, pairs):  # pragma: no cover
-    """Write ``"%d" % v`` at ``pos``; return the end. buf : uint8 (m,) OUT."""
+@njit(cache=True, nogil=True, inline="always")
+def _put_int(buf, pos, v):  # pragma: no cover - compiled
+    """Write ``"%d" % v`` (int64) at ``pos``; return the end. buf : uint8 (m,) OUT."""
     if v < 0:
         buf[pos] = 45  # "-"
         pos += 1
         if v == -9223372036854775808:  # no positive counterpart in int64
-            for j, c in enumerate(b"9223372036854775808"):
-                buf[pos + j] = c
-            return pos + 19
+            return _put_uint(buf, pos, np.uint64(9223372036854775808))
         v = -v
-    return _put_uint(buf, pos, v, _n_digits(v), pairs)
+    return _put_uint(buf, pos, np.uint64(v))
 
 
-@njit(cache=True, nogil=True)
-def _put_digits(buf, pos, d, nd, dot, pairs):  # pragma: no cover
-    """Write the ``nd`` digits of ``d`` with a "." after the first ``dot`` (none if dot >= nd)."""
-    if dot >= nd:
-        return _put_uint(buf, pos, d, nd, pairs)
-    low_n = nd - dot
-    p10 = 1
-    for _ in range(low_n):
-        p10 *= 10
-    end = _put_uint(buf, pos, d // p10, dot, pairs)
-    buf[end] = 46  # "."
-    low = d % p10
-    # The low digits keep their leading zeros: write them right-aligned over "0"s.
-    for j in range(low_n):
-        buf[end + 1 + j] = 48
-    ln = _n_digits(low)
-    _put_uint(buf, end + 1 + low_n - ln, low, ln, pairs)
-    return end + 1 + low_n
+@njit(cache=True, nogil=True, inline="always")
+def _put_digits(buf, pos, d, nd, dot):  # pragma: no cover - compiled
+    """Write the ``nd`` digits of ``d`` (uint64, leading zeros kept) with a "." after the first
+    ``dot`` of them (none if dot >= nd), right to left; return the end."""
+    length = nd + (1 if dot < nd else 0)
+    j = nd - 1
+    while j >= 0:
+        buf[pos + j + (1 if j >= dot else 0)] = 48 + np.uint8(d % _U10)
+        d = d // _U10
+        j -= 1
+    if dot < nd:
+        buf[pos + dot] = 46  # "."
+    return pos + length
 
 
-@njit(cache=True, nogil=True)
-def _put_g9(buf, pos, x, pow10, pairs):  # pragma: no cover
+@njit(cache=True, nogil=True, inline="always")
+def _put_g9(buf, pos, x, pow10):  # pragma: no cover - compiled
     """Write ``"%.9g" % x`` (``null`` if not finite) at ``pos``; return the end, or -1.
 
     -1 means the ninth digit is too close to a rounding tie to be decided in float64 (or x is
@@ -267,27 +253,28 @@ def _put_g9(buf, pos, x, pow10, pairs):  # pragma: no cover
         e += 1
     if d < 100000000 or d >= 1000000000:
         return -1
+    u = np.uint64(d)
     nd = 9
-    while d % 10 == 0:
-        d //= 10
+    while u % _U10 == 0:  # trailing zeros are not written
+        u = u // _U10
         nd -= 1
     if -4 <= e < 9:  # fixed notation
         if e >= 0:
             if nd <= e + 1:
-                pos = _put_uint(buf, pos, d, nd, pairs)
+                pos = _put_digits(buf, pos, u, nd, nd)
                 for _ in range(e + 1 - nd):
                     buf[pos] = 48
                     pos += 1
                 return pos
-            return _put_digits(buf, pos, d, nd, e + 1, pairs)
+            return _put_digits(buf, pos, u, nd, e + 1)
         buf[pos] = 48  # "0."
         buf[pos + 1] = 46
         pos += 2
         for _ in range(-e - 1):
             buf[pos] = 48
             pos += 1
-        return _put_uint(buf, pos, d, nd, pairs)
-    pos = _put_digits(buf, pos, d, nd, 1, pairs)  # exponent notation: d.dddde+XX
+        return _put_digits(buf, pos, u, nd, nd)
+    pos = _put_digits(buf, pos, u, nd, 1)  # exponent notation: d.dddde+XX
     buf[pos] = 101
     buf[pos + 1] = 45 if e < 0 else 43
     pos += 2
@@ -296,10 +283,10 @@ def _put_g9(buf, pos, x, pow10, pairs):  # pragma: no cover
     if e < 10:
         buf[pos] = 48
         pos += 1
-    return _put_uint(buf, pos, e, _n_digits(e), pairs)
+    return _put_uint(buf, pos, np.uint64(e))
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _put(buf, pos, src):  # pragma: no cover
     for j in range(src.shape[0]):
         buf[pos + j] = src[j]
@@ -308,7 +295,7 @@ def _put(buf, pos, src):  # pragma: no cover
 
 @njit(cache=True, nogil=True)
 def _write_assignments(  # pragma: no cover - compiled
-    labels, distances, scores, partitions, offsets, middle, buf, slow, pow10, pairs
+    labels, distances, scores, partitions, offsets, middle, buf, slow, pow10
 ):
     """Write the JSON records of a batch, each followed by "\\n", into ``buf``.
 
@@ -317,28 +304,28 @@ def _write_assignments(  # pragma: no cover - compiled
     middle : uint8 (m,) IN — ``,"model_version":V,"topic":"T","partition":``
     buf : uint8 (capacity,) OUT — room for the longest possible records
     slow : bool (n,) OUT — rows with a value to format exactly in Python (left empty here)
-    pow10 : float64 (23,) IN; pairs : uint8 (200,) IN
+    pow10 : float64 (23,) IN
 
     Returns the number of bytes written.
     """
     pos = 0
     for i in range(labels.shape[0]):
         pos = _put(buf, pos, _HEAD)
-        pos = _put_int(buf, pos, labels[i], pairs)
+        pos = _put_int(buf, pos, labels[i])
         pos = _put(buf, pos, _DISTANCE)
-        q = _put_g9(buf, pos, distances[i], pow10, pairs)
+        q = _put_g9(buf, pos, distances[i], pow10)
         if q < 0:
             slow[i] = True
             q = pos
         pos = _put(buf, q, _SCORE)
-        q = _put_g9(buf, pos, scores[i], pow10, pairs)
+        q = _put_g9(buf, pos, scores[i], pow10)
         if q < 0:
             slow[i] = True
             q = pos
         pos = _put(buf, q, middle)
-        pos = _put_int(buf, pos, partitions[i], pairs)
+        pos = _put_int(buf, pos, partitions[i])
         pos = _put(buf, pos, _OFFSET)
-        pos = _put_int(buf, pos, offsets[i], pairs)
+        pos = _put_int(buf, pos, offsets[i])
         pos = _put(buf, pos, _TAIL)
     return pos
 

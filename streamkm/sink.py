@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
+import operator
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import repeat
 from typing import Any, Protocol
 
 import numpy as np
@@ -37,6 +40,8 @@ _FLUSH_WAIT_S = 5.0
 _QUEUE_FULL_WAIT_S = 0.05
 # Delivery reports of records that abort_transaction purged: the batch is redone, not lost.
 _PURGED = (_CKafkaError._PURGE_QUEUE, _CKafkaError._PURGE_INFLIGHT)
+# Consumes an iterator in C, keeping nothing: runs a ``map`` of produce calls.
+_drain: Callable[[Iterable[object]], None] = deque[object](maxlen=0).extend
 
 
 class TransactionAborted(StreamkmError):
@@ -299,7 +304,12 @@ class Sink:
                 rows = np.flatnonzero(emit)
                 labels, distances, scores = labels[rows], distances[rows], scores[rows]
                 partitions, offsets = partitions[rows], offsets[rows]
-                keys = [keys[i] for i in rows.tolist()]
+                if isinstance(keys, np.ndarray):
+                    keys = keys[rows].tolist()
+                else:
+                    keys = [keys[i] for i in rows.tolist()]
+            elif isinstance(keys, np.ndarray):
+                keys = keys.tolist()
             elif not isinstance(keys, list):
                 keys = list(keys)
             if len(offsets):
@@ -360,23 +370,36 @@ class Sink:
     # -- produce -----------------------------------------------------------------------------
 
     def _produce_all(self, topic: str, values: list[bytes], keys: Sequence[bytes | None]) -> None:
-        """Produce records in order, one C call each; a full local queue is waited out."""
+        """Produce records in order; a full local queue is waited out.
+
+        The loop over the records runs in C (``map`` drained by a zero-length deque), with no
+        key argument when no record has a key: no Python bytecode per record. When the queue
+        is full, the record that did not fit is the one before the iterator's position
+        (``length_hint`` of a list iterator is exact); it is produced again, then the rest.
+        """
         produce = self.producer.produce
-        records = zip(values, keys, strict=True)
-        value: bytes | None = None
-        key: bytes | None = None
-        retry: tuple[bytes | None, bytes | None] | None = None
+        n = len(values)
+        if not n:
+            return
+        keyless = keys.count(None) == n if isinstance(keys, list) else all(k is None for k in keys)
+        rest = iter(values)
+        rest_keys = None if keyless else iter(keys)
+        retry: int | None = None
         while True:
             try:
                 if retry is not None:
-                    value, key = retry
+                    if rest_keys is None:
+                        produce(topic, values[retry])
+                    else:
+                        produce(topic, values[retry], keys[retry])
                     retry = None
-                    produce(topic, value, key)
-                for value, key in records:
-                    produce(topic, value, key)
+                if rest_keys is None:
+                    _drain(map(produce, repeat(topic), rest))
+                else:
+                    _drain(map(produce, repeat(topic), rest, rest_keys))
                 return
             except BufferError:
-                retry = (value, key)  # the record that did not fit; the rest follow it
+                retry = n - operator.length_hint(rest) - 1  # taken from ``rest``, not produced
                 self._wait_for_room()
             except KafkaException as exc:
                 raise self._produce_failed(exc, topic) from None

@@ -119,6 +119,21 @@ def test_equal_length_keys_stay_bytes() -> None:
     assert b.take().keys.tolist() == [b"ab", b"cd"]
 
 
+def test_keys_of_every_form_are_copied_as_given() -> None:
+    b = Batcher(batch_size=8, max_wait_s=1, clock=FakeClock())
+    b.add(rows(0, 2), "t", 0, [0, 1], keys=[None, None])
+    b.add(rows(2, 3), "t", 0, [2, 3, 4], keys=[b"ab", None, b"cd"])
+    b.add(rows(5, 2), "t", 0, [5, 6], keys=(b"ef", b"gh"))
+    held = np.empty(2, dtype=object)
+    held[:] = [b"ij", None]
+    b.add(rows(7, 2), "t", 0, [7, 8], keys=held)
+    keys = b.take(max_rows=9).keys
+    assert keys.shape == (9,)
+    assert keys.tolist() == [None, None, b"ab", None, b"cd", b"ef", b"gh", b"ij", None]
+    held[0] = b"changed"  # the batcher holds its own copy
+    assert keys[7] == b"ij"
+
+
 def test_dimension_and_length_mismatches_are_refused() -> None:
     b = Batcher(batch_size=2, max_wait_s=1, clock=FakeClock())
     add_range(b, 0, 1)

@@ -66,6 +66,28 @@ def test_batch_encoder_is_byte_identical_to_the_reference_on_many_values() -> No
     assert mismatched == [], [(values[i], got[i], want[i]) for i in mismatched[:3]]
 
 
+def test_batch_encoder_writes_every_integer_as_the_reference_does() -> None:
+    # Every digit count, both signs, the int64 limits: the digit writers count digits by
+    # comparisons and divide unsigned values, so the edges of each digit count matter.
+    powers = np.array([10**i for i in range(19)], dtype=np.int64)
+    ints = np.concatenate(
+        [
+            powers, powers - 1, powers + 1, -powers, -powers + 1, -powers - 1,
+            np.array([0, -1, 2**63 - 1, -(2**63), -(2**63) + 1, 2**32, 2**53 + 1]),
+        ]
+    )  # fmt: skip
+    n = len(ints)
+    floats = np.resize(_EDGES, n)
+    for labels, partitions, offsets in (
+        (ints, ints[::-1].copy(), np.roll(ints, 7)),
+        (np.zeros(n, np.int64), ints, ints),
+    ):
+        got = encode_assignments(labels, floats, floats[::-1].copy(), -3, "t", partitions, offsets)
+        want = _reference(labels, floats, floats[::-1], -3, "t", partitions, offsets)
+        mismatched = [(got[i], want[i]) for i in range(n) if got[i] != want[i]]
+        assert mismatched == [], mismatched[:3]
+
+
 def test_records_parse_as_json_with_null_for_non_finite_values() -> None:
     out = encode_assignments(
         np.array([1, 2]), np.array([np.nan, 2.5]), np.array([0.25, np.inf]), 3, "v",

@@ -146,6 +146,28 @@ def test_a_full_queue_is_waited_out_without_losing_or_reordering_records() -> No
     assert len(waited) == 2
 
 
+def test_keyless_records_go_without_a_key_and_a_queue_full_twice_loses_nothing() -> None:
+    producer = FakeProducer()
+    producer.full_at = {2, 3, 6}  # the 2nd record twice in a row, then the 4th
+    waited: list[int] = []
+    rows, result = batch(5)
+    rows.keys = [None] * 5
+    sink(producer, waiting=lambda: waited.append(1)).publish(rows, result, version=1)
+    assert [json.loads(v)["offset"] for _, v, _, _ in producer.records] == [0, 1, 2, 3, 4]
+    assert {k for _, _, k, _ in producer.records} == {None}
+    assert len(waited) == 3
+
+
+def test_a_full_queue_with_some_keys_keeps_each_key_with_its_record() -> None:
+    producer = FakeProducer()
+    producer.full_at = {3}
+    rows, result = batch(4)
+    rows.keys = [None, b"a", None, b"b"]
+    sink(producer).publish(rows, result, version=1)
+    got = [(json.loads(v)["offset"], k) for _, v, k, _ in producer.records]
+    assert got == [(0, None), (1, b"a"), (2, None), (3, b"b")]
+
+
 def test_delivery_failures_stop_but_purged_records_of_an_abort_do_not() -> None:
     reports = DeliveryReports(transactional=True)
     counted: list[int] = []
