@@ -352,8 +352,17 @@ class Sink:
         return True
 
     def poll(self) -> None:
-        """Serve delivery reports without waiting."""
-        self.producer.poll(0)
+        """Serve delivery reports without waiting.
+
+        Raises
+        ------
+        FencedError, KafkaClientError
+            The producer hit a fatal error (another instance took its transactional id, say).
+        """
+        try:
+            self.producer.poll(0)
+        except KafkaException as exc:
+            raise to_error(exc, "serving delivery reports") from None
 
     def flush(self) -> None:
         """Wait until the brokers confirmed every record; raise if any failed."""

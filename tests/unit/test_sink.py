@@ -28,6 +28,7 @@ class FakeProducer:
         self.produce_error: KafkaError | None = None
         self.txn_errors: dict[str, list[KafkaError]] = {}
         self.unflushed = 0
+        self.poll_error: KafkaError | None = None
         self._n = 0
 
     def produce(self, topic: str, value: Any = None, key: Any = None, headers: Any = None) -> None:
@@ -41,6 +42,8 @@ class FakeProducer:
 
     def poll(self, timeout: float = 0) -> int:
         self.calls.append(f"poll {timeout}")
+        if self.poll_error is not None:
+            raise KafkaException(self.poll_error)
         return 0
 
     def flush(self, timeout: float) -> int:
@@ -227,6 +230,18 @@ def test_retriable_errors_are_retried_until_stopping_and_fencing_is_fatal() -> N
     producer.txn_errors["commit"] = [KafkaError(KafkaError._FENCED, "fenced", fatal=True)]
     with pytest.raises(FencedError, match="another instance"):
         txn.commit()
+
+
+def test_a_fatal_error_served_by_poll_is_streamkms_error_not_a_traceback() -> None:
+    producer = FakeProducer()
+    out = sink(producer)
+    out.poll()
+    producer.poll_error = KafkaError(KafkaError._FENCED, "fenced", fatal=True)
+    with pytest.raises(FencedError, match="another instance"):
+        out.poll()
+    producer.poll_error = KafkaError(KafkaError._FATAL, "broken", fatal=True)
+    with pytest.raises(StreamkmKafkaError, match="serving delivery reports"):
+        out.poll()
 
 
 def test_init_transactions_waits_for_an_unreachable_broker() -> None:
