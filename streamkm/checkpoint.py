@@ -57,6 +57,25 @@ def _default_model_cls() -> Any:
 
 
 @dataclass(frozen=True)
+class PreparedCheckpoint:
+    """A checkpoint ready to be written (:meth:`CheckpointStore.prepare`).
+
+    Attributes
+    ----------
+    path : Path
+        The file it becomes.
+    meta : dict
+        The metadata, JSON-able.
+    arrays : dict of str to ndarray
+        The model's arrays, copies of its own.
+    """
+
+    path: Path
+    meta: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
 class Checkpoint:
     """A checkpoint read back from disk.
 
@@ -221,16 +240,34 @@ class CheckpointStore:
             be created or the file cannot be written (permissions, disk full …), or the file
             does not read back. No partial file is left and earlier checkpoints are untouched.
         """
+        return self.commit(self.prepare(model, offsets, extra_meta))
+
+    def prepare(
+        self,
+        model: Any,
+        offsets: Mapping[tuple[str, int], int],
+        extra_meta: Mapping[str, Any] | None = None,
+    ) -> PreparedCheckpoint:
+        """The first half of :meth:`write`: a copy of the model's state and the metadata.
+
+        The copy shares nothing with the model, so :meth:`commit` may run in another thread
+        while the model goes on learning.
+
+        Raises
+        ------
+        CheckpointError
+            If the model's state is not finite or cannot be taken.
+        """
         try:
-            model_meta, arrays = model.to_state()
+            model_meta, state = model.to_state()
         except (StreamkmError, ValueError) as exc:
             if isinstance(exc, CheckpointError):
                 raise
             raise CheckpointError(f"refusing to write a checkpoint: {exc}") from exc
+        # to_state may hand out live arrays (the shared replica does): the writer needs its own.
+        arrays = {name: np.array(a, copy=True) for name, a in state.items()}
         bad = sorted(
-            name
-            for name, a in arrays.items()
-            if np.asarray(a).dtype.kind in "fc" and not np.isfinite(a).all()
+            name for name, a in arrays.items() if a.dtype.kind in "fc" and not np.isfinite(a).all()
         )
         if bad:
             raise CheckpointError(
@@ -253,9 +290,19 @@ class CheckpointStore:
             "model": model_meta,
             "extra": dict(extra_meta or {}),
         }
-        path = self.dir / checkpoint_name(version, unix_ms)
+        return PreparedCheckpoint(self.dir / checkpoint_name(version, unix_ms), meta, arrays)
+
+    def commit(self, prepared: PreparedCheckpoint) -> Path:
+        """The second half of :meth:`write`: serialise, write atomically, read back, prune.
+
+        Raises
+        ------
+        CheckpointError
+            As :meth:`write`.
+        """
+        path = prepared.path
         try:
-            data = fileformat.dumps(meta, arrays)
+            data = fileformat.dumps(prepared.meta, prepared.arrays)
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"cannot serialise checkpoint: {exc}") from exc
         try:
@@ -263,6 +310,7 @@ class CheckpointStore:
             fileformat.write_atomic(path, data)
         except OSError as exc:
             raise CheckpointError(f"cannot write checkpoint {path}: {_os_reason(exc)}") from exc
+        del data
         try:
             _parse(path, self.model_cls)
         except (CorruptFileError, OSError) as exc:

@@ -479,10 +479,8 @@ def test_a_lost_volume_restores_the_newest_published_model(
     ],
 )
 def test_a_restore_that_cannot_be_done_holds_the_input_and_is_retried(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, record: Any, reason: str
+    tmp_path: Path, record: Any, reason: str
 ) -> None:
-    import streamkm.app
-
     good, _ = published_model(version=3)
     if record in ("k", "d"):
         rec = json.loads(good)
@@ -507,8 +505,8 @@ def test_a_restore_that_cannot_be_done_holds_the_input_and_is_retried(
         assert app.metrics.registry.get_sample_value("streamkm_ready") == 0.0
         assert not (tmp_path / "ckpt" / "origins.json").exists()
         topic["value"] = good  # the model topic holds a fitting model now
-        monkeypatch.setattr(streamkm.app, "RESTORE_RETRY_S", 0.0)
-        app._next_restore = 0.0
+        later = app.lost.clock() + app.lost.retry_s
+        app.lost.clock = lambda: later  # the retry is due
         app.turn()  # restores, resumes and reads from the group's offsets
         assert app.model is not None and app.model.n_steps_ == 3
         assert consumer.paused == set() and consumer.seeks == [(0, 500)]
