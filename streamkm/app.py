@@ -64,7 +64,7 @@ from streamkm.shared.replica import Replica
 from streamkm.shared.sync import SharedLearner, SyncLog
 from streamkm.sink import TransactionAborted
 from streamkm.source import Bulk
-from streamkm.topics import TopicState, input_topic_exists, prepare_topics
+from streamkm.topics import TopicWatch
 from streamkm.window import TransactionWindow
 
 log = logging.getLogger(__name__)
@@ -153,8 +153,7 @@ class App:
         self._window: TransactionWindow | None = None  # exactly-once, while connected
         self._checkpointed_version = -1
         self._next_lag = 0.0
-        self._topics: TopicState | None = None  # set by run(); None in embedded use
-        self._next_topic_check = 0.0
+        self.topics = TopicWatch(settings, every_s=_TOPIC_CHECK_S)  # prepared by run()
         max_wait_s = model_cfg.max_batch_wait_ms / 1000.0
         self.batcher = Batcher(
             max(model_cfg.batch_size, self.learner.rows_to_start), max_wait_s, dtype=np.float32
@@ -184,7 +183,7 @@ class App:
             )
             try:
                 with self.connected():
-                    self._topics = prepare_topics(self.settings)
+                    self.topics.prepare()
                     while not self.stop_event.is_set():
                         self.turn()
                     self._check()
@@ -315,10 +314,9 @@ class App:
             self._check_group()
         self.metrics.ready.set(1.0 if self._ready()[0] else 0.0)
         self.metrics.rows_held.set(len(self.batcher))
+        if not self.offsets.assigned:
+            self.topics.check_if_due()
         now = time.monotonic()
-        if not self.offsets.assigned and now >= self._next_topic_check:
-            self._next_topic_check = now + _TOPIC_CHECK_S
-            self._check_topics()
         if now >= self._next_lag:
             self._next_lag = now + _LAG_EVERY_S
             self._update_lag(source)
@@ -347,18 +345,6 @@ class App:
             self._take(bulk, began)
         else:  # held during this call: read again once a model is restored
             self.lost.note_consumed(bulk.first)
-
-    def _check_topics(self) -> None:
-        """While nothing is assigned: verify the topics again once the brokers answer, and
-        notice the input topic appearing."""
-        state = self._topics
-        if state is None:
-            return
-        if not state.checked:
-            self._topics = prepare_topics(self.settings)
-        elif not state.input_exists and input_topic_exists(self.settings):
-            log.info("input topic %s exists now", self.settings.kafka.input_topic)
-            self._topics = TopicState(checked=True, input_exists=True, created=state.created)
 
     def _update_lag(self, source: Any) -> None:
         """Lag from the consumer's position (right from the start, in both delivery modes;
@@ -530,20 +516,11 @@ class App:
         source.seek(self.offsets.rewind_targets(targets))
 
     def _forget(self, gone: Iterable[TopicPart]) -> None:
-        """Drop consumed-but-unprocessed input of partitions this instance no longer owns.
-
-        Rows of the partitions it keeps stay buffered, so nothing needs to be read again.
-        """
+        """Drop consumed-but-unprocessed input of partitions this instance no longer owns
+        (rows of the partitions it keeps stay buffered: nothing is read again)."""
         gone = set(gone)
-        if len(self.batcher):
-            batch = self.batcher.take(max_rows=len(self.batcher))
-            lost = [p for t, p in gone if t == self.settings.kafka.input_topic]
-            keep = ~np.isin(batch.partitions, lost)
-            if keep.any():
-                self.batcher.add(
-                    batch.X[keep], batch.topics[keep], batch.partitions[keep],
-                    batch.offsets[keep], batch.keys[keep], batch.timestamps[keep],
-                )  # fmt: skip
+        topic = self.settings.kafka.input_topic
+        self.batcher.drop(topic, [p for t, p in gone if t == topic])
         self._dead = [d for d in self._dead if (d.topic, d.partition) not in gone]
         self.offsets.forget(gone)
 
@@ -683,11 +660,9 @@ class App:
             return False, self.lost.held
         if self.offsets.assigned and self.decoder.dim is None:
             return False, self.dims.reason()
-        topics = self._topics
-        missing = topics is not None and topics.checked and not topics.input_exists
-        if not self.offsets.assigned and missing:
-            topic = self.settings.kafka.input_topic
-            return False, f"input topic {topic} does not exist; waiting for it"
+        missing = self.topics.missing()
+        if not self.offsets.assigned and missing is not None:
+            return False, missing
         return self.health.ready(assigned=bool(self.offsets.assigned), fitted=self.learner.fitted)
 
 
