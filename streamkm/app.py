@@ -560,20 +560,20 @@ class App:
         record = (learner.version, learner.public_state())
         cp.start(learner.estimator, self.offsets.positions, context=record)
         self._checkpointed_version = learner.version
-        if self.exactly_once:  # the offsets it holds are committed already
-            sink.publish_model(*record)
         if wait:
             self._checkpoint_written(cp.wait())
 
     def _checkpoint_written(self, written: Written | None) -> None:
-        """A checkpoint is durable: its offsets may be committed (at-least-once)."""
+        """A checkpoint is durable: commit its offsets (at-least-once), publish its model."""
         if written is None:
             return
         self.offsets.checkpointed_now(written.offsets)
-        if not self.exactly_once:
-            source, sink = self._parts()
+        source, sink = self._parts()
+        if self.exactly_once:
+            self._commit(force=True)  # the model record goes in a transaction of its own
+        else:
             source.commit(self.offsets.group_offsets(written.offsets))
-            sink.publish_model(*written.context)
+        sink.publish_model(*written.context)
         self.metrics.record_checkpoint(written.seconds)
         self.checkpointer.log_written(written, self.metrics.total_lag())
 
