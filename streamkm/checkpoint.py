@@ -8,6 +8,11 @@ before older ones are pruned. The store keeps the newest ``keep`` files and, wha
 never deletes the newest one that reads back; on read, a corrupt newest file is skipped with a
 warning in favour of the one before.
 
+:meth:`CheckpointStore.write` is :meth:`~CheckpointStore.prepare` (a copy of the model's state,
+cheap) followed by :meth:`~CheckpointStore.commit` (serialise, write, fsync, read back, prune:
+the slow part), so that the second half can run in another thread
+(:class:`~streamkm.checkpointer.Checkpointer`).
+
 Examples
 --------
 >>> store = CheckpointStore("/var/lib/streamkm", keep=3)       # doctest: +SKIP
@@ -20,6 +25,7 @@ Examples
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import re
@@ -290,6 +296,8 @@ class CheckpointStore:
             "model": model_meta,
             "extra": dict(extra_meta or {}),
         }
+        # The metadata is small; a deep copy keeps the writer off anything the model may change.
+        meta = copy.deepcopy(meta)
         return PreparedCheckpoint(self.dir / checkpoint_name(version, unix_ms), meta, arrays)
 
     def commit(self, prepared: PreparedCheckpoint) -> Path:
