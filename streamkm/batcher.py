@@ -24,7 +24,7 @@ Examples
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -279,3 +279,16 @@ class Batcher:
         if self._start == self._end:
             self._start = self._end = 0
         return batch
+
+    def drop(self, topic: str, partitions: Iterable[int]) -> None:
+        """Drop the rows of these partitions of ``topic``; the others stay, in order."""
+        gone = list(partitions)
+        if not len(self) or not gone:
+            return
+        batch = self.take(max_rows=len(self))
+        keep = ~((batch.topics == topic) & np.isin(batch.partitions, gone))
+        if keep.any():
+            self.add(
+                batch.X[keep], batch.topics[keep], batch.partitions[keep],
+                batch.offsets[keep], batch.keys[keep], batch.timestamps[keep],
+            )  # fmt: skip

@@ -8,6 +8,11 @@ before older ones are pruned. The store keeps the newest ``keep`` files and, wha
 never deletes the newest one that reads back; on read, a corrupt newest file is skipped with a
 warning in favour of the one before.
 
+:meth:`CheckpointStore.write` is :meth:`~CheckpointStore.prepare` (a copy of the model's state,
+cheap) followed by :meth:`~CheckpointStore.commit` (serialise, write, fsync, read back, prune:
+the slow part), so that the second half can run in another thread
+(:class:`~streamkm.checkpointer.Checkpointer`).
+
 Examples
 --------
 >>> store = CheckpointStore("/var/lib/streamkm", keep=3)       # doctest: +SKIP
@@ -20,6 +25,7 @@ Examples
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import re
@@ -54,6 +60,25 @@ def _default_model_cls() -> Any:
     from streamkm.model import StreamingKMeans
 
     return StreamingKMeans
+
+
+@dataclass(frozen=True)
+class PreparedCheckpoint:
+    """A checkpoint ready to be written (:meth:`CheckpointStore.prepare`).
+
+    Attributes
+    ----------
+    path : Path
+        The file it becomes.
+    meta : dict
+        The metadata, JSON-able.
+    arrays : dict of str to ndarray
+        The model's arrays, copies of its own.
+    """
+
+    path: Path
+    meta: dict[str, Any]
+    arrays: dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -221,16 +246,34 @@ class CheckpointStore:
             be created or the file cannot be written (permissions, disk full …), or the file
             does not read back. No partial file is left and earlier checkpoints are untouched.
         """
+        return self.commit(self.prepare(model, offsets, extra_meta))
+
+    def prepare(
+        self,
+        model: Any,
+        offsets: Mapping[tuple[str, int], int],
+        extra_meta: Mapping[str, Any] | None = None,
+    ) -> PreparedCheckpoint:
+        """The first half of :meth:`write`: a copy of the model's state and the metadata.
+
+        The copy shares nothing with the model, so :meth:`commit` may run in another thread
+        while the model goes on learning.
+
+        Raises
+        ------
+        CheckpointError
+            If the model's state is not finite or cannot be taken.
+        """
         try:
-            model_meta, arrays = model.to_state()
+            model_meta, state = model.to_state()
         except (StreamkmError, ValueError) as exc:
             if isinstance(exc, CheckpointError):
                 raise
             raise CheckpointError(f"refusing to write a checkpoint: {exc}") from exc
+        # to_state may hand out live arrays (the shared replica does): the writer needs its own.
+        arrays = {name: np.array(a, copy=True) for name, a in state.items()}
         bad = sorted(
-            name
-            for name, a in arrays.items()
-            if np.asarray(a).dtype.kind in "fc" and not np.isfinite(a).all()
+            name for name, a in arrays.items() if a.dtype.kind in "fc" and not np.isfinite(a).all()
         )
         if bad:
             raise CheckpointError(
@@ -253,9 +296,21 @@ class CheckpointStore:
             "model": model_meta,
             "extra": dict(extra_meta or {}),
         }
-        path = self.dir / checkpoint_name(version, unix_ms)
+        # The metadata is small; a deep copy keeps the writer off anything the model may change.
+        meta = copy.deepcopy(meta)
+        return PreparedCheckpoint(self.dir / checkpoint_name(version, unix_ms), meta, arrays)
+
+    def commit(self, prepared: PreparedCheckpoint) -> Path:
+        """The second half of :meth:`write`: serialise, write atomically, read back, prune.
+
+        Raises
+        ------
+        CheckpointError
+            As :meth:`write`.
+        """
+        path = prepared.path
         try:
-            data = fileformat.dumps(meta, arrays)
+            data = fileformat.dumps(prepared.meta, prepared.arrays)
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"cannot serialise checkpoint: {exc}") from exc
         try:
@@ -263,6 +318,7 @@ class CheckpointStore:
             fileformat.write_atomic(path, data)
         except OSError as exc:
             raise CheckpointError(f"cannot write checkpoint {path}: {_os_reason(exc)}") from exc
+        del data
         try:
             _parse(path, self.model_cls)
         except (CorruptFileError, OSError) as exc:

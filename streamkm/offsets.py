@@ -256,13 +256,20 @@ class OffsetTracker:
             if key in self.assigned and o >= self.replay_until.get(key, 0)
         }
 
-    def group_offsets(self) -> dict[TopicPart, int]:
-        """At-least-once: the offsets to commit to the group after a durable checkpoint."""
-        return {key: o for key, o in self.positions.items() if key in self.assigned}
+    def group_offsets(
+        self, checkpointed: Mapping[TopicPart, int] | None = None
+    ) -> dict[TopicPart, int]:
+        """At-least-once: the offsets to commit to the group after a durable checkpoint.
 
-    def checkpointed_now(self) -> None:
-        """The positions were just written to a checkpoint."""
-        self.checkpointed = dict(self.positions)
+        ``checkpointed``: the offsets that checkpoint holds (by default the positions now);
+        only partitions this instance still owns are committed.
+        """
+        offsets = self.positions if checkpointed is None else checkpointed
+        return {key: o for key, o in offsets.items() if key in self.assigned}
+
+    def checkpointed_now(self, offsets: Mapping[TopicPart, int] | None = None) -> None:
+        """A checkpoint holding ``offsets`` (by default the positions now) is durable."""
+        self.checkpointed = dict(self.positions if offsets is None else offsets)
 
 
 def format_offsets(offsets: Mapping[TopicPart, int]) -> str:

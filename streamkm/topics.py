@@ -10,6 +10,8 @@ created: when it is missing, the daemon waits for it and ``/readyz`` says so.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,4 +125,52 @@ def _refuse_uncompacted(admin: AdminClient, topic: str, timeout_s: float) -> Non
         )
 
 
-__all__ = ["TopicState", "input_topic_exists", "prepare_topics"]
+class TopicWatch:
+    """The topics as the running daemon sees them: prepared once connected, checked again
+    while nothing is assigned (the brokers may answer only now; the input may appear).
+
+    Parameters
+    ----------
+    settings : Settings
+        The topics' names and settings.
+    every_s : float, default 10
+        Time between checks while nothing is assigned.
+    clock : callable, default time.monotonic
+        Injectable for tests.
+    """
+
+    def __init__(
+        self, settings: Settings, every_s: float = 10.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.settings = settings
+        self.every_s = every_s
+        self.clock = clock
+        self.state: TopicState | None = None  # None: not prepared (embedded use, tests)
+        self._next = 0.0
+
+    def prepare(self) -> None:
+        """Create the missing output topics and verify the model topic (:func:`prepare_topics`)."""
+        self.state = prepare_topics(self.settings)
+
+    def check_if_due(self) -> None:
+        """Verify the topics again once the brokers answer, and notice the input appearing."""
+        now = self.clock()
+        state = self.state
+        if state is None or now < self._next:
+            return
+        self._next = now + self.every_s
+        if not state.checked:
+            self.state = prepare_topics(self.settings)
+        elif not state.input_exists and input_topic_exists(self.settings):
+            log.info("input topic %s exists now", self.settings.kafka.input_topic)
+            self.state = TopicState(checked=True, input_exists=True, created=state.created)
+
+    def missing(self) -> str | None:
+        """Readiness: the input topic is known not to exist, else None."""
+        state = self.state
+        if state is None or not state.checked or state.input_exists:
+            return None
+        return f"input topic {self.settings.kafka.input_topic} does not exist; waiting for it"
+
+
+__all__ = ["TopicState", "TopicWatch", "input_topic_exists", "prepare_topics"]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from streamkm.app import App
+from streamkm.checkpoint import CheckpointStore, PreparedCheckpoint
 from streamkm.clients import Clients
 from streamkm.codec import REASONS
 from streamkm.config import Settings
@@ -479,10 +482,8 @@ def test_a_lost_volume_restores_the_newest_published_model(
     ],
 )
 def test_a_restore_that_cannot_be_done_holds_the_input_and_is_retried(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, record: Any, reason: str
+    tmp_path: Path, record: Any, reason: str
 ) -> None:
-    import streamkm.app
-
     good, _ = published_model(version=3)
     if record in ("k", "d"):
         rec = json.loads(good)
@@ -507,8 +508,8 @@ def test_a_restore_that_cannot_be_done_holds_the_input_and_is_retried(
         assert app.metrics.registry.get_sample_value("streamkm_ready") == 0.0
         assert not (tmp_path / "ckpt" / "origins.json").exists()
         topic["value"] = good  # the model topic holds a fitting model now
-        monkeypatch.setattr(streamkm.app, "RESTORE_RETRY_S", 0.0)
-        app._next_restore = 0.0
+        later = app.lost.clock() + app.lost.retry_s
+        app.lost.clock = lambda: later  # the retry is due
         app.turn()  # restores, resumes and reads from the group's offsets
         assert app.model is not None and app.model.n_steps_ == 3
         assert consumer.paused == set() and consumer.seeks == [(0, 500)]
@@ -672,3 +673,81 @@ def test_shared_mode_seeds_from_the_log_and_rewinds_a_refused_delta(tmp_path: Pa
         assert app.offsets.positions[("in", 0)] == 10
         sample = app.metrics.registry.get_sample_value
         assert sample("streamkm_sync_records_rejected_total") == 1
+
+
+class GatedStore(CheckpointStore):
+    """A slow disk: writes wait until ``gate`` is set; or they fail."""
+
+    def __init__(self, dir: Path, fail: bool = False) -> None:
+        super().__init__(dir, keep=3)
+        self.gate = threading.Event()
+        self.fail = fail
+
+    def commit(self, prepared: PreparedCheckpoint) -> Path:
+        assert self.gate.wait(30), "the test never opened the gate"
+        if self.fail:
+            raise CheckpointError("cannot write checkpoint: No space left on device")
+        return super().commit(prepared)
+
+
+def test_the_loop_goes_on_while_a_checkpoint_is_written_and_commits_its_offsets_after(
+    tmp_path: Path,
+) -> None:
+    producer, consumer = FakeProducer(), FakeConsumer()
+    app = make_app(tmp_path, producer, consumer, guarantee="at-least-once")
+    store = GatedStore(tmp_path / "ckpt")
+    app.checkpointer.store = store
+    with app.connected():
+        consumer.assign(0)
+        consumer.queue = messages(0, 4)
+        app.turn()
+        app.checkpoint(wait=False)  # as the loop's timer does
+        assert app.checkpointer.busy and consumer.commits == []
+        consumer.queue = messages(4, 4)
+        app.turn()  # the loop consumes, learns and publishes while the file is written
+        assert offsets_of(producer.values()) == list(range(8))
+        assert consumer.commits == [] and store.paths() == []
+        assert app.offsets.checkpointed == {}  # nothing durable yet
+        store.gate.set()
+        app.checkpoint()  # waits for the write in flight first, then writes the next one
+        # Each commit is a durable checkpoint's offsets, never positions beyond it.
+        assert consumer.commits == [[(0, 4)], [(0, 8)]]
+        assert app.offsets.checkpointed == {("in", 0): 8}
+        assert len(store.paths()) == 2
+
+
+def test_a_revoke_waits_for_the_write_in_flight(tmp_path: Path) -> None:
+    producer, consumer = FakeProducer(), FakeConsumer()
+    app = make_app(tmp_path, producer, consumer, guarantee="at-least-once")
+    store = GatedStore(tmp_path / "ckpt")
+    app.checkpointer.store = store
+    with app.connected():
+        consumer.assign(0)
+        consumer.queue = messages(0, 4)
+        app.turn()
+        app.checkpoint(wait=False)
+        opener = threading.Timer(0.2, store.gate.set)  # the disk answers later
+        opener.start()
+        consumer.revoke(0)  # returns only once the checkpoint is durable
+        assert not app.checkpointer.busy and len(store.paths()) == 1
+        assert consumer.commits == [[(0, 4)]] and app.offsets.assigned == set()
+        opener.join()
+
+
+def test_a_failed_background_write_stops_the_loop(tmp_path: Path) -> None:
+    producer, consumer = FakeProducer(), FakeConsumer()
+    app = make_app(tmp_path, producer, consumer, guarantee="exactly-once")
+    store = GatedStore(tmp_path / "ckpt", fail=True)
+    app.checkpointer.store = store
+    with app.connected():
+        consumer.assign(0)
+        consumer.queue = messages(0, 4)
+        app.turn()
+        app.checkpoint(wait=False)  # exactly-once: the transaction is committed first
+        assert producer.calls[-2:] == ["commit", "flush"]
+        store.gate.set()
+        with pytest.raises(CheckpointError, match="No space left"):
+            for _ in range(1000):  # the failure surfaces on the first turn after the write
+                app.turn()
+                time.sleep(0.01)
+        assert not app.checkpointer.busy and store.paths() == []

@@ -170,3 +170,18 @@ def test_fifo_and_exact_sizes_for_any_bulk_sequence(batch_size: int, bulks: list
     assert len(b) == start - len(taken) < batch_size
     taken += b.take(max_rows=len(b)).offsets.tolist()
     assert taken == list(range(start))
+
+
+def test_drop_removes_the_rows_of_partitions_let_go_and_keeps_the_rest_in_order() -> None:
+    b = Batcher(batch_size=100, max_wait_s=1.0)
+    add_range(b, 0, 3, partition=0)
+    add_range(b, 10, 2, partition=1)
+    add_range(b, 3, 2, partition=0)
+    add_range(b, 20, 2, topic="other", partition=1)
+    b.drop("t", [1])
+    batch = b.take(max_rows=100)
+    assert batch.offsets.tolist() == [0, 1, 2, 3, 4, 20, 21]
+    assert batch.partitions.tolist() == [0, 0, 0, 0, 0, 1, 1]
+    np.testing.assert_array_equal(batch.X[:3], rows(0, 3))
+    b.drop("t", [0])  # empty: nothing to do
+    assert len(b) == 0
