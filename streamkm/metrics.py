@@ -155,7 +155,7 @@ class Metrics:
         self.checkpoints = Counter("streamkm_checkpoints", "Checkpoints written.", registry=r)
         self.checkpoint_duration = Histogram(
             "streamkm_checkpoint_duration_seconds",
-            "Time to write a checkpoint.",
+            "Time from the copy of the state to a durable checkpoint file (background write).",
             buckets=CHECKPOINT_BUCKETS,
             registry=r,
         )
