@@ -24,17 +24,27 @@ bounded by ``RARITY``: a member of a rare group ranks above the members of commo
 above rows several spreads out of a common cluster.
 
 A member of a common group scores about 1 (its squared distance is about the cluster's mean
-squared distance); a member of a group holding half the typical neighbourhood mass about
-``1 + RARITY/2``; a member of an isolated, tiny cluster up to ``1 + RARITY``; rows far from every
-centroid score their squared distance in spreads. The coefficients cost ``O(k²·d)`` once per
-model update, not per row.
+squared distance; ``1 + GLOBAL·s_j/ḡ`` with the second term); a member of a group holding half
+the typical neighbourhood mass about ``1 + RARITY/2``; a member of an isolated, tiny cluster up
+to ``1 + RARITY``; rows far from every centroid score their squared distance in spreads. The
+coefficients cost ``O(k²·d)`` once per scored batch (the centroids' pairwise distances), not per
+row.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
-__all__ = ["CLIP", "RARITY", "SCORE_MAX", "inv_spread", "neighbourhood_mass", "score_coef"]
+__all__ = [
+    "CLIP",
+    "RARITY",
+    "SCORE_MAX",
+    "inv_spread",
+    "neighbourhood_mass",
+    "pair_sq_dists",
+    "score_coef",
+]
 
 #: A row adds at most this many times its cluster's mean squared distance to the spread
 #: estimate, so that outliers do not widen the cluster they land in (for a Gaussian cluster
@@ -84,6 +94,33 @@ def inv_spread(
     return 1.0 / np.maximum(s, floor)
 
 
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
+def pair_sq_dists(C, out):  # pragma: no cover - compiled
+    """Squared distances between every two centroids, from their differences.
+
+    A direct loop rather than a GEMM: it takes no cancellation for data far from the origin,
+    and on a busy machine a small multi-threaded BLAS call cost milliseconds of thread wake-up
+    (measured 12 ms at k = 100, d = 128, against 0.1 ms for this loop).
+
+    Parameters
+    ----------
+    C : ndarray of shape (k, d), float32 or float64
+        IN.
+    out : ndarray of shape (k, k), float64
+        OUT. ``‖c_i − c_j‖²`` (symmetric, 0 on the diagonal).
+    """
+    k, d = C.shape
+    for i in range(k):
+        out[i, i] = 0.0
+        for j in range(i):
+            acc = 0.0
+            for t in range(d):
+                diff = np.float64(C[i, t]) - np.float64(C[j, t])
+                acc += diff * diff
+            out[i, j] = acc
+            out[j, i] = acc
+
+
 def _shares(counts: np.ndarray) -> np.ndarray:
     """Weight shares ``π_j``, smoothed so that a fresh model (all counts 0) has equal shares."""
     k = counts.shape[0]
@@ -106,16 +143,13 @@ def neighbourhood_mass(centroids: np.ndarray, pi: np.ndarray, spread: np.ndarray
     ndarray of shape (k,), float64
         ``Σ_i π_i·exp(−‖c_i − c_j‖² / (2·BANDWIDTH·min(s_i, s_j)))``, at least ``π_j``.
     """
-    C = centroids.astype(np.float64)
-    C = C - pi @ C  # centred: no cancellation in the Gram matrix for data far from 0
-    sq = np.einsum("ij,ij->i", C, C)
-    d2 = sq[:, None] + sq[None, :] - 2.0 * (C @ C.T)
-    np.maximum(d2, 0.0, out=d2)
+    k = centroids.shape[0]
+    d2 = np.empty((k, k), dtype=np.float64)
+    pair_sq_dists(np.ascontiguousarray(centroids), d2)
     width = np.minimum(spread[:, None], spread[None, :])
     width *= 2.0 * BANDWIDTH
     d2 /= width
     np.exp(-d2, out=d2)
-    np.fill_diagonal(d2, 1.0)
     return d2 @ pi
 
 
