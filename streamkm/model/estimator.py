@@ -337,7 +337,7 @@ class StreamingKMeans(EstimatorShims):
         else:
             labels, d2, scores = out
         if want_scores and score_coef is None:
-            score_coef = scoring.score_coef(self.counts_, self._inv_scale())
+            score_coef = scoring.score_coef(self.counts_, self._inv_scale(), C)
         coef = score_coef if want_scores and score_coef is not None else _NO_SCORES
         Cc = C - self._shift  # the centred frame: no cancellation for data far from 0
         c_sq = np.einsum("ij,ij->i", Cc, Cc)
@@ -481,7 +481,7 @@ class StreamingKMeans(EstimatorShims):
         inv = self._inv_scale()
         second = self._workspace("d2_second", (n,), np.float64) if self._swap_due(n) else None
         if want_result:
-            coef = scoring.score_coef(self.counts_, inv)
+            coef = scoring.score_coef(self.counts_, inv, self.cluster_centers_)
             labels, d2, scores = self._assign(
                 Xv, True, score_coef=coef, scratch=True, d2_second=second
             )
@@ -665,11 +665,12 @@ class StreamingKMeans(EstimatorShims):
     def anomaly_score(self, X: Any) -> np.ndarray:
         """How anomalous each row is under the current model; higher is more anomalous.
 
-        The score is ``min_j (‖x − c_j‖² / s_j + b_j)``: the squared distance in units of the
-        cluster's mean squared distance ``s_j``, plus ``b_j = ln(π̄/π_j)`` for a cluster whose
-        share of the weight ``π_j`` is below ``π̄ = 1/k`` (0 otherwise), clipped to
-        ``[0, 1e9]``. An ordinary member of a common cluster scores about 1, a member of a
-        cluster 10 times rarer than ``1/k`` about 3.3; far points score their squared
+        The score is ``min_j (a_j·‖x − c_j‖² + b_j)``, clipped to ``[0, 1e9]``: the squared
+        distance in units of the cluster's mean squared distance ``s_j`` (plus a tenth of it
+        in units of the mean spread), plus a rarity term ``b_j`` between 0 and 2 that grows as
+        the weight of the centroids around ``c_j`` falls below its typical value. An ordinary
+        member of a common group scores about 1, a member of a group with half the typical
+        mass about 2, of an isolated tiny cluster up to 3; far points score their squared
         distance in spreads. See :mod:`streamkm.model.scoring`. This is the number
         :meth:`step` returns as ``scores``.
 

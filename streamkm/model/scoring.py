@@ -1,29 +1,50 @@
-"""The anomaly score: distance in units of each cluster's spread, plus how rare the cluster is.
+"""The anomaly score: distance in units of the cluster's spread, plus how empty its neighbourhood is.
 
-For a row x the score is ``min_j (‖x − c_j‖² / s_j + b_j)``, clipped to ``[0, SCORE_MAX]``:
+For a row x the score is ``min_j (a_j·‖x − c_j‖² + b_j)``, clipped to ``[0, SCORE_MAX]``:
 
-* ``s_j`` — the cluster's mean squared distance of its rows to the centroid (outliers clipped,
-  shrunk towards the global mean for clusters that have seen few rows, and never below a floor
-  tied to the global spread and to the float resolution of the centroids, so that a cluster of
-  identical vectors does not divide by zero);
-* ``b_j = RARITY · ln(π̄ / π_j)`` when cluster j holds less than the share ``π̄ = 1/k`` a
-  cluster would hold if all were equal, 0 otherwise (π_j its share of the weight). Following
-  the cluster-based local outlier factor (CBLOF, He et al. 2003), a point that only a rare
-  cluster explains is an outlier: a centroid that ends up among anomalies (a rare class, a
-  burst of faulty readings) does not make them look normal. Measuring rarity against ``1/k``
-  rather than against the largest cluster keeps the penalty of a typical cluster at 0 for
-  every k, which is what keeps the score useful as k grows.
+* ``a_j = 1/s_j + GLOBAL/ḡ``: the squared distance in units of the cluster's spread ``s_j``, its
+  rows' mean squared distance to the centroid (outliers clipped, shrunk towards the global mean
+  for clusters that have seen few rows, and never below a floor tied to the global spread and
+  to the float resolution of the centroids, so that a cluster of identical vectors does not
+  divide by zero), plus a small share of it in units of the mean spread ``ḡ = Σ_j π_j·s_j``,
+  so that a row far out of a wide cluster is not excused entirely by that cluster's width;
+* ``b_j = RARITY · (1 − M_j/M̄)₊``: how much of the usual neighbourhood mass the centroid lacks.
+  ``M_j = Σ_i π_i·exp(−‖c_i − c_j‖² / (2·BANDWIDTH·min(s_i, s_j)))`` is the weight share ``π``
+  of the centroids around c_j, each counted in full when it sits on c_j and less the further it
+  is in units of the narrower of the two spreads; ``M̄`` is its typical value, the geometric mean
+  of ``M_j`` weighted by ``π_j`` (what a row drawn from the stream sees).
 
-An ordinary member of a common cluster scores about 1 (its squared distance is about the
-cluster's mean squared distance); a member of a cluster 10 times rarer than ``1/k`` about
-``1 + RARITY·2.3``; rows far from every centroid score their squared distance in spreads.
+Following the cluster-based local outlier factor (CBLOF, He et al. 2003), a row that only a rare
+group of centroids explains is an outlier: a class that makes up a few percent of the stream, or
+a burst of faulty readings, is not made to look normal by the centroid it attracts. The rarity is
+measured on neighbourhoods rather than on single centroids so that it does not fade as k grows:
+with more centroids than groups in the data, a common group is split over several adjacent
+centroids that keep its mass between them, while a rare group keeps a small one. The penalty is
+bounded by ``RARITY``: a member of a rare group ranks above the members of common ones, but not
+above rows several spreads out of a common cluster.
+
+A member of a common group scores about 1 (its squared distance is about the cluster's mean
+squared distance; ``1 + GLOBAL·s_j/ḡ`` with the second term); a member of a group holding half
+the typical neighbourhood mass about ``1 + RARITY/2``; a member of an isolated, tiny cluster up
+to ``1 + RARITY``; rows far from every centroid score their squared distance in spreads. The
+coefficients cost ``O(k²·d)`` once per scored batch (the centroids' pairwise distances), not per
+row.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
-__all__ = ["CLIP", "RARITY", "SCORE_MAX", "inv_spread", "score_coef"]
+__all__ = [
+    "CLIP",
+    "RARITY",
+    "SCORE_MAX",
+    "inv_spread",
+    "neighbourhood_mass",
+    "pair_sq_dists",
+    "score_coef",
+]
 
 #: A row adds at most this many times its cluster's mean squared distance to the spread
 #: estimate, so that outliers do not widen the cluster they land in (for a Gaussian cluster
@@ -31,8 +52,13 @@ __all__ = ["CLIP", "RARITY", "SCORE_MAX", "inv_spread", "score_coef"]
 CLIP = 9.0
 #: Pseudo-weight of the global mean squared distance in each cluster's spread estimate.
 PRIOR_WEIGHT = 1.0
-#: Weight of the rarity term ``ln(π̄/π_j)``.
-RARITY = 1.0
+#: Largest rarity term ``b_j`` (a centroid with nothing around it), in units of squared spreads.
+RARITY = 2.0
+#: Width of the neighbourhood kernel, in units of the narrower spread of the two centroids: two
+#: halves of one Gaussian cluster count each other almost fully, separate groups hardly at all.
+BANDWIDTH = 0.5
+#: Weight of the squared distance in units of the mean spread ``ḡ``.
+GLOBAL = 0.1
 #: No spread is taken below this fraction of the global mean squared distance.
 SPREAD_FLOOR = 1e-4
 #: Largest score reported (a row beyond every cluster's reach).
@@ -68,7 +94,66 @@ def inv_spread(
     return 1.0 / np.maximum(s, floor)
 
 
-def score_coef(counts: np.ndarray, inv_scale: np.ndarray) -> np.ndarray:
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
+def pair_sq_dists(C, out):  # pragma: no cover - compiled
+    """Squared distances between every two centroids, from their differences.
+
+    A direct loop rather than a GEMM: it takes no cancellation for data far from the origin,
+    and on a busy machine a small multi-threaded BLAS call cost milliseconds of thread wake-up
+    (measured 12 ms at k = 100, d = 128, against 0.1 ms for this loop).
+
+    Parameters
+    ----------
+    C : ndarray of shape (k, d), float32 or float64
+        IN.
+    out : ndarray of shape (k, k), float64
+        OUT. ``‖c_i − c_j‖²`` (symmetric, 0 on the diagonal).
+    """
+    k, d = C.shape
+    for i in range(k):
+        out[i, i] = 0.0
+        for j in range(i):
+            acc = 0.0
+            for t in range(d):
+                diff = np.float64(C[i, t]) - np.float64(C[j, t])
+                acc += diff * diff
+            out[i, j] = acc
+            out[j, i] = acc
+
+
+def _shares(counts: np.ndarray) -> np.ndarray:
+    """Weight shares ``π_j``, smoothed so that a fresh model (all counts 0) has equal shares."""
+    k = counts.shape[0]
+    return (counts + 1.0 / k) / (float(counts.sum()) + 1.0)
+
+
+def neighbourhood_mass(centroids: np.ndarray, pi: np.ndarray, spread: np.ndarray) -> np.ndarray:
+    """``M_j``: the weight share of the centroids around each centroid (its own included).
+
+    Parameters
+    ----------
+    centroids : ndarray of shape (k, d)
+    pi : ndarray of shape (k,), float64
+        Weight share of each centroid.
+    spread : ndarray of shape (k,), float64
+        ``s_j`` (positive).
+
+    Returns
+    -------
+    ndarray of shape (k,), float64
+        ``Σ_i π_i·exp(−‖c_i − c_j‖² / (2·BANDWIDTH·min(s_i, s_j)))``, at least ``π_j``.
+    """
+    k = centroids.shape[0]
+    d2 = np.empty((k, k), dtype=np.float64)
+    pair_sq_dists(np.ascontiguousarray(centroids), d2)
+    width = np.minimum(spread[:, None], spread[None, :])
+    width *= 2.0 * BANDWIDTH
+    d2 /= width
+    np.exp(-d2, out=d2)
+    return d2 @ pi
+
+
+def score_coef(counts: np.ndarray, inv_scale: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """Coefficients ``(a_j, b_j)`` of the score ``min_j a_j·‖x − c_j‖² + b_j``.
 
     Parameters
@@ -77,12 +162,17 @@ def score_coef(counts: np.ndarray, inv_scale: np.ndarray) -> np.ndarray:
         Weight per cluster.
     inv_scale : ndarray of shape (k,), float64
         ``1 / s_j`` from :func:`inv_spread`.
+    centroids : ndarray of shape (k, d)
+        The centroids ``c_j``.
 
     Returns
     -------
     ndarray of shape (2, k), float64
     """
-    k = inv_scale.shape[0]
-    pi = (counts + 1.0 / k) / (float(counts.sum()) + 1.0)
-    bias = RARITY * np.maximum(np.log((1.0 / k) / pi), 0.0)
-    return np.stack([inv_scale, bias])
+    pi = _shares(counts)
+    spread = 1.0 / inv_scale
+    mass = neighbourhood_mass(centroids, pi, spread)
+    typical = float(np.exp(pi @ np.log(mass)))
+    bias = RARITY * np.maximum(1.0 - mass / typical, 0.0)
+    scale = inv_scale + GLOBAL / float(pi @ spread)
+    return np.stack([scale, bias])

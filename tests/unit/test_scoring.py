@@ -1,0 +1,62 @@
+"""The anomaly score's coefficients: spreads, neighbourhood mass and the rarity term."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from streamkm.model import scoring
+
+pytestmark = pytest.mark.unit
+
+
+def _split_group_and_single():
+    """Four centroids 0.5 apart sharing one group, one centroid alone 20 away; equal shares."""
+    C = np.zeros((5, 8))
+    C[:4, 0] = [0.0, 0.5, 1.0, 1.5]
+    C[4, 0] = 20.0
+    counts = np.full(5, 1000.0)
+    return C, counts
+
+
+def test_a_split_group_keeps_its_mass_and_a_lone_centroid_pays():
+    C, counts = _split_group_and_single()
+    spread = np.full(5, 8.0)  # d = 8 unit-variance rows
+    pi = counts / counts.sum()
+    mass = scoring.neighbourhood_mass(C, pi, spread)
+    # the four adjacent centroids see most of their group, the lone one only itself
+    assert mass[:4].min() > 0.6
+    assert mass[4] == pytest.approx(0.2, rel=1e-9)
+    a, b = scoring.score_coef(counts, 1.0 / spread, C)
+    # every centroid holds 1/k of the weight: measured per centroid, none would be rare
+    assert b[4] > 0.5 * scoring.RARITY
+    assert b[:4].max() < 0.1 * b[4]
+    assert b.max() <= scoring.RARITY
+    assert np.all(a > 1.0 / spread)  # plus the share measured in the mean spread
+
+
+def test_a_wide_tiny_cluster_next_to_a_common_one_is_not_excused():
+    # a centroid that settled among a few scattered outliers has a wide spread: measured in
+    # that spread it would sit inside the common cluster; measured in the narrower spread of
+    # the two it stands alone and pays nearly the whole rarity term
+    C = np.array([[0.0, 0.0], [3.0, 0.0]])
+    counts = np.array([9900.0, 100.0])
+    spread = np.array([2.0, 400.0])
+    b = scoring.score_coef(counts, 1.0 / spread, C)[1]
+    assert b[0] == 0.0
+    assert b[1] > 0.9 * scoring.RARITY
+
+
+def test_coefficients_do_not_depend_on_where_the_data_sits():
+    C, counts = _split_group_and_single()
+    inv = np.full(5, 1.0 / 8.0)
+    far = scoring.score_coef(counts, inv, C + 1e6)
+    np.testing.assert_allclose(far, scoring.score_coef(counts, inv, C), rtol=1e-9, atol=1e-12)
+
+
+def test_a_fresh_model_has_no_rarity():
+    C, _ = _split_group_and_single()
+    a, b = scoring.score_coef(np.zeros(5), np.full(5, 1.0), C.astype(np.float32))
+    assert np.isfinite(a).all() and np.isfinite(b).all()
+    # equal shares: only the lone centroid lacks neighbours
+    assert b[:4].max() < 0.1 * scoring.RARITY
