@@ -39,9 +39,12 @@ __all__ = [
     "assign",
     "assign_direct",
     "kmeans_plusplus",
+    "learn_batch",
+    "max_magnitude_bits",
     "n_local_trials",
     "relocate",
     "row_sq_norms",
+    "sample_candidates",
     "update_centroids",
     "weighted_sums",
     "work_size",
@@ -88,7 +91,7 @@ def row_sq_norms(X, out):  # pragma: no cover - compiled
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def _nearest_row(x_sq, row_dots, c_sq, score_coef, want_scores, want_second):  # pragma: no cover
-    """Nearest centroid of one row from its dot products.
+    """Nearest centroid of one row from its dot products (GEMM path).
 
     Returns ``(j, d², second d², score)``; the last two are 0 unless asked for.
     """
@@ -131,13 +134,13 @@ def _nearest_row(x_sq, row_dots, c_sq, score_coef, want_scores, want_second):  #
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def assign_direct(
-    X, shift, C, c_sq, score_coef, labels, d2, scores, d2_second, work
+    X, shift, C, score_coef, labels, d2, scores, d2_second, work
 ):  # pragma: no cover - compiled
-    """Nearest centroid of every row by a direct loop (small ``d·k``).
+    """Nearest centroid of every row by a direct loop over differences (small ``d·k``).
 
-    Rows are taken two at a time so that each centroid element loaded serves both. With a
-    ``shift`` the distances are computed between ``x − shift`` and centroids given in that
-    centred frame, so that a common offset of the data does not cancel the precision away.
+    Squared distances are summed from the differences ``x − c`` themselves, so they lose
+    nothing to cancellation wherever the data lie; with a ``shift`` the rows are first
+    centred on it (for centroids given in that frame).
 
     Parameters
     ----------
@@ -146,23 +149,21 @@ def assign_direct(
     shift : ndarray of shape (d,) or (0,), same dtype as X
         IN. Centre subtracted from every row; empty for none.
     C : ndarray of shape (k, d), same dtype as X
-        IN. Centroids, in the frame centred on ``shift``.
-    c_sq : ndarray of shape (k,), same dtype as X
-        IN. ``‖c_j‖²`` (centred frame).
+        IN. Centroids (in the frame centred on ``shift`` when it is given).
     score_coef : ndarray of shape (2, k) or (0, k), float64
         IN. Anomaly score coefficients: row 0 holds ``a_j``, row 1 ``b_j``; empty to skip the
         scores.
     labels : ndarray of shape (n,), int64
         OUT. Index of the nearest centroid.
     d2 : ndarray of shape (n,), float64
-        OUT. Squared distance to the nearest centroid, clamped at 0.
+        OUT. Squared distance to the nearest centroid.
     scores : ndarray of shape (n,) or (0,), float64
         OUT. ``min_j (a_j·‖x − c_j‖² + b_j)`` when ``score_coef`` is given.
     d2_second : ndarray of shape (n,) or (0,), float64
         OUT. Squared distance to the second nearest centroid (``inf`` if k = 1); empty to
         skip.
-    work : ndarray of shape (2·k + 2·d,) or more, same dtype as X
-        WORK. Dot products and centred copies of the current pair of rows.
+    work : ndarray of shape (d,) or more, same dtype as X
+        WORK. The current row, centred.
     """
     n, d = X.shape
     k = C.shape[0]
@@ -170,51 +171,42 @@ def assign_direct(
     want_second = d2_second.shape[0] > 0
     centred = shift.shape[0] > 0
     zero = X.dtype.type(0.0)
-    dots0 = work[:k]
-    dots1 = work[k : 2 * k]
-    xa = work[2 * k : 2 * k + d]
-    xb = work[2 * k + d : 2 * k + 2 * d]
-    i = 0
-    while i < n:
-        pair = i + 1 < n
-        i1 = i + 1 if pair else i
-        x0 = zero
-        x1 = zero
-        for t in range(d):
-            a = X[i, t]
-            b = X[i1, t]
-            if centred:
-                a -= shift[t]
-                b -= shift[t]
-            xa[t] = a
-            xb[t] = b
-            x0 += a * a
-            x1 += b * b
-        for j in range(k):
-            s0 = zero
-            s1 = zero
+    xa = work[:d]
+    for i in range(n):
+        if centred:
             for t in range(d):
-                c = C[j, t]
-                s0 += xa[t] * c
-                s1 += xb[t] * c
-            dots0[j] = s0
-            dots1[j] = s1
-        j0, e0, f0, sc0 = _nearest_row(x0, dots0, c_sq, score_coef, want_scores, want_second)
-        labels[i] = j0
-        d2[i] = e0
-        if want_scores:
-            scores[i] = sc0
-        if want_second:
-            d2_second[i] = f0
-        if pair:
-            j1, e1, f1, sc1 = _nearest_row(x1, dots1, c_sq, score_coef, want_scores, want_second)
-            labels[i1] = j1
-            d2[i1] = e1
+                xa[t] = X[i, t] - shift[t]
+        best = np.inf
+        second = np.inf
+        score = np.inf
+        best_j = 0
+        for j in range(k):
+            s = zero
+            if centred:
+                for t in range(d):
+                    diff = xa[t] - C[j, t]
+                    s += diff * diff
+            else:
+                for t in range(d):
+                    diff = X[i, t] - C[j, t]
+                    s += diff * diff
+            v = float(s)
             if want_scores:
-                scores[i1] = sc1
-            if want_second:
-                d2_second[i1] = f1
-        i += 2
+                sc = v * score_coef[0, j] + score_coef[1, j]
+                if sc < score:
+                    score = sc
+            if v < best:
+                second = best
+                best = v
+                best_j = j
+            elif v < second:
+                second = v
+        labels[i] = best_j
+        d2[i] = best
+        if want_scores:
+            scores[i] = score
+        if want_second:
+            d2_second[i] = second
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
@@ -309,7 +301,7 @@ def assign(
     want_scores = score_coef.shape[0] > 0
     if d * k < threshold:
         sh = shift if shift is not None else work[:0]
-        assign_direct(X, sh, C, c_sq, score_coef, labels, d2, scores, second, work)
+        assign_direct(X, sh, C, score_coef, labels, d2, scores, second, work)
         return
     dots_all = work[: CHUNK_ROWS * k].reshape(CHUNK_ROWS, k)
     C_T = C.T  # a view: BLAS reads the transposed operand in place
@@ -419,6 +411,141 @@ def update_centroids(
         recent[j] += wsum[j]
         shift += np.sqrt(moved)
     return shift / k
+
+
+@njit(cache=True, nogil=True)
+def max_magnitude_bits(bits, mask):  # pragma: no cover - compiled
+    """Largest ``bits & mask`` over a flat array of float bit patterns.
+
+    With ``mask`` clearing the sign bit, the result is the bit pattern of ``max |x|``: IEEE
+    magnitudes order like their bit patterns, and NaN and infinity sort above every finite
+    value. Integer arithmetic keeps the loop vectorised without any fast-math assumption.
+
+    Parameters
+    ----------
+    bits : ndarray of shape (m,), uint32 or uint64
+        IN. The values, viewed as unsigned integers of their width.
+    mask : uint32 or uint64
+        IN. All bits but the sign bit.
+
+    Returns
+    -------
+    peak : same type as ``bits``
+    """
+    peak = bits.dtype.type(0)
+    for i in range(bits.shape[0]):
+        v = bits[i] & mask
+        if v > peak:
+            peak = v
+    return peak
+
+
+@njit(cache=True, nogil=True)
+def sample_candidates(w, u, t0, rate, tau, idx, lw, lq):  # pragma: no cover - compiled
+    """Rows of a batch whose sampling priority beats the threshold.
+
+    Row i has the log priority ``lq = log w_i + (t0 + i)·rate − log(1 − u_i)`` (see
+    :mod:`streamkm.model.sample`) and is a candidate when ``lq > tau``. The test is first
+    made without logarithms, ``1 − u_i < w_i·e^{(t0+i)·rate − tau}`` with a margin, so
+    that only the rows that pass it (few, once the sample is full) pay for the exact one.
+
+    Parameters
+    ----------
+    w : ndarray of shape (n,), float64
+        IN. Weights (≥ 0).
+    u : ndarray of shape (n,), float64
+        IN. Uniform draws in [0, 1).
+    t0 : int
+        IN. Stream position of row 0.
+    rate : float
+        IN. ``ln 2 / half_life``, or 0 without forgetting.
+    tau : float
+        IN. Log threshold (``-inf`` while nothing was evicted).
+    idx : ndarray of shape (n,), int64
+        OUT. Candidate rows, in stream order, in ``idx[:m]``.
+    lw, lq : ndarray of shape (n,), float64
+        OUT. ``log w + t·rate`` and the log priority of each candidate, in ``[:m]``.
+
+    Returns
+    -------
+    m : int
+        Number of candidates.
+    """
+    n = w.shape[0]
+    m = 0
+    open_ = tau == -np.inf
+    # e^{(t0+i)·rate − tau}: one constant without forgetting; it under- or overflows only
+    # where the exact test would give the same answer (|log w − log(1 − u)| < 80)
+    factor = 0.0 if open_ else np.exp(-tau)
+    for i in range(n):
+        wi = w[i]
+        if not wi > 0.0:
+            continue
+        if not open_:
+            if rate != 0.0:
+                factor = np.exp((t0 + i) * rate - tau)
+            if not (1.0 - u[i]) < wi * factor * (1.0 + 1e-9):
+                continue
+        lwi = np.log(wi) + (t0 + i) * rate
+        lqi = lwi - np.log1p(-u[i])
+        if lqi > tau:
+            idx[m] = i
+            lw[m] = lwi
+            lq[m] = lqi
+            m += 1
+    return m
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def learn_batch(
+    X,
+    w,
+    labels,
+    d2,
+    inv_scale,
+    clip,
+    decay,
+    recent_keep,
+    C,
+    counts,
+    sse,
+    recent,
+    sums,
+    wsum,
+    totals,
+):  # pragma: no cover - compiled
+    """One streaming step's bookkeeping and update: forgetting, then :func:`update_centroids`.
+
+    Parameters
+    ----------
+    X, w, labels, d2, inv_scale, clip, C, counts, sse, recent, sums, wsum
+        As in :func:`update_centroids`; ``counts``, ``sse`` and ``recent`` are decayed here
+        rather than by the caller.
+    decay : float
+        IN. Factor applied to ``counts`` and ``sse`` before the batch (1 without forgetting).
+    recent_keep : float
+        IN. Factor applied to ``recent`` before the batch.
+    totals : ndarray of shape (2,), float64
+        OUT. ``Σ w`` and ``Σ w·d²`` over the batch.
+
+    Returns
+    -------
+    shift : float
+        Mean over the k centroids of the Euclidean distance each one moved.
+    """
+    k = C.shape[0]
+    for j in range(k):
+        counts[j] *= decay
+        sse[j] *= decay
+        recent[j] *= recent_keep
+    total_w = 0.0
+    total_e = 0.0
+    for i in range(w.shape[0]):
+        total_w += w[i]
+        total_e += w[i] * d2[i]
+    totals[0] = total_w
+    totals[1] = total_e
+    return update_centroids(X, w, labels, d2, inv_scale, clip, C, counts, sse, recent, sums, wsum)
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)

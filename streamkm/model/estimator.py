@@ -67,6 +67,7 @@ _EWMA_HALF_LIFE_BATCHES = 10.0
 
 _EMPTY = np.empty(0, dtype=np.float64)
 _NO_SCORES = np.empty((0, 0), dtype=np.float64)
+_NO_SHIFT = {np.dtype(t): np.empty(0, dtype=t) for t in (np.float32, np.float64)}
 # attributes a step changes, restored by StreamingKMeans.restore
 _ARRAYS = ("cluster_centers_", "counts_", "_sse", "_recent", "_shift")
 _SCALARS = (
@@ -339,13 +340,21 @@ class StreamingKMeans(EstimatorShims):
         if want_scores and score_coef is None:
             score_coef = scoring.score_coef(self.counts_, self._inv_scale())
         coef = score_coef if want_scores and score_coef is not None else _NO_SCORES
-        Cc = C - self._shift  # the centred frame: no cancellation for data far from 0
-        c_sq = np.einsum("ij,ij->i", Cc, Cc)
-        size = kernel.work_size(k, d)
-        work = self._workspace("assign", (size,), C.dtype) if scratch else np.empty(size, C.dtype)
-        kernel.assign(
-            X, Cc, c_sq, coef, labels, d2, scores, work, d2_second=d2_second, shift=self._shift
-        )
+        if d * k < kernel.GEMM_MIN_DK:
+            # sums of squared differences: exact wherever the data lie, no centring needed
+            none = _NO_SHIFT[X.dtype]
+            second = _EMPTY if d2_second is None else d2_second
+            kernel.assign_direct(X, none, C, coef, labels, d2, scores, second, none)
+        else:
+            Cc = C - self._shift  # the centred frame: no cancellation for data far from 0
+            c_sq = np.einsum("ij,ij->i", Cc, Cc)
+            size = kernel.work_size(k, d)
+            work = (
+                self._workspace("assign", (size,), C.dtype) if scratch else np.empty(size, C.dtype)
+            )
+            kernel.assign(
+                X, Cc, c_sq, coef, labels, d2, scores, work, d2_second=d2_second, shift=self._shift
+            )
         if want_scores:
             np.clip(scores, 0.0, scoring.SCORE_MAX, out=scores)
         return labels, d2, scores
@@ -377,28 +386,30 @@ class StreamingKMeans(EstimatorShims):
         """Update the model with a batch already assigned with the current centroids."""
         n, d = X.shape
         k = self.cluster_centers_.shape[0]
-        if self.half_life is not None:
-            decay = 0.5 ** (n / float(self.half_life))
-            self.counts_ *= decay
-            self._sse *= decay
+        decay = 1.0 if self.half_life is None else 0.5 ** (n / float(self.half_life))
         per_batch = 1.0 - 0.5 ** (n / (_RECENT_HALF_LIFE_BATCHES * float(self.batch_size)))
-        self._recent *= 1.0 - per_batch
-        total_w = float(w.sum())
-        inertia = float(np.dot(w, d2)) / total_w if total_w > 0 else 0.0
         sums = self._workspace("sums", (k, d), np.float64)
         wsum = self._workspace("wsum", (k,), np.float64)
+        totals = self._workspace("totals", (2,), np.float64)
         C, counts, sse, recent = self.cluster_centers_, self.counts_, self._sse, self._recent
-        shift = kernel.update_centroids(
-            X, w, labels, d2, inv, scoring.CLIP, C, counts, sse, recent, sums, wsum
-        )
-        spread = float(np.median(1.0 / inv))
+        shift = kernel.learn_batch(
+            X, w, labels, d2, inv, scoring.CLIP, decay, 1.0 - per_batch,
+            C, counts, sse, recent, sums, wsum, totals,
+        )  # fmt: skip
+        total_w = float(totals[0])
+        inertia = float(totals[1]) / total_w if total_w > 0 else 0.0
+        # the median spread (of the k values, as np.median takes it), for a moved centroid
+        spread_sorted = np.sort(inv)
+        spread = 0.5 * (1.0 / spread_sorted[(k - 1) // 2] + 1.0 / spread_sorted[k // 2])
         ratio = float(self.reassignment_ratio)
         rng = self._rng
         moved = relocation.relocate_on_batch(
             X, w, labels, d2, d2_second, C, counts, sse, recent, ratio, rng, spread, per_batch
         )
         shift += moved / k
-        self._sample.offer(X, w, np.asarray(self._rng.random(n)), self.n_samples_seen_)
+        u = self._workspace("u", (n,), np.float64)
+        rng.random(out=u)
+        self._sample.offer(X, w, u, self.n_samples_seen_)
         self.n_samples_seen_ += n
         self.n_steps_ += 1
         self.inertia_ = inertia
