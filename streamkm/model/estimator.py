@@ -299,19 +299,23 @@ class StreamingKMeans(EstimatorShims):
         self.inertia_ = float("nan")
         self.inertia_ewma_ = float("nan")
         self.last_shift_ = 0.0
-        self._work: dict[str, np.ndarray] = {}
+        self._work: dict[str, tuple[np.ndarray, tuple[int, ...], np.ndarray]] = {}
 
     # ------------------------------------------------------------------ core
 
     def _workspace(self, name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         """A cached scratch array (grown on demand), so that steady streams do not allocate."""
         work = self.__dict__.setdefault("_work", {})
-        buf = work.get(name)
+        entry = work.get(name)
+        if entry is not None and entry[1] == shape and entry[2].dtype == dtype:
+            return entry[2]  # the same shape as last time: the common case
         size = math.prod(shape)
+        buf = entry[0] if entry is not None else None
         if buf is None or buf.size < size or buf.dtype != np.dtype(dtype):
             buf = np.empty(max(size, 1), dtype=dtype)
-            work[name] = buf
-        return buf[:size].reshape(shape)
+        view = buf[:size].reshape(shape)
+        work[name] = (buf, shape, view)
+        return view
 
     def _inv_scale(self) -> np.ndarray:
         """``1 / s_j``: inverse of each cluster's spread (see :mod:`~streamkm.model.scoring`)."""

@@ -128,9 +128,7 @@ class Sample:
         slots = self._take_slots(idx.shape[0])
         if self._log is not None:
             self._record(slots)
-        self.rows[slots] = X[idx]
-        self.lw[slots] = lw
-        self.lq[slots] = lq
+        kernel.scatter_rows(X, idx, lw, lq, slots, self.rows, self.lw, self.lq)
 
     def _take_slots(self, m: int) -> np.ndarray:
         """``m`` slots to write: free ones first, then new ones (growing the arrays)."""
@@ -138,7 +136,7 @@ class Sample:
         parts = [self.free[self.n_free - reuse : self.n_free][::-1].copy()]
         self.n_free -= reuse
         fresh = m - reuse
-        if fresh:
+        if fresh:  # (while the sample fills, and after a growth of the batch size)
             self._grow(self.used + fresh)
             parts.append(np.arange(self.used, self.used + fresh, dtype=np.int64))
             self.used += fresh
