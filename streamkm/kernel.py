@@ -431,9 +431,8 @@ def update_centroids(
         j = labels[i]
         wsum[j] += wi
         e = d2[i]
-        cap = clip / inv_scale[j] if inv_scale[j] > 0.0 else np.inf
-        if e > cap:
-            e = cap
+        if e * inv_scale[j] > clip:  # (a multiplication: no division on every row)
+            e = clip / inv_scale[j]
         sse[j] += wi * e
         for t in range(d):
             sums[j, t] += wi * X[i, t]

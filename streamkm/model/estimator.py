@@ -214,7 +214,16 @@ class StreamingKMeans(EstimatorShims):
 
     def _validate(self, X: Any, reset: bool = False) -> np.ndarray:
         expected = None if reset else getattr(self, "n_features_in_", None)
-        return validate(X, resolve_dtype(self.dtype), expected, type(self).__name__)
+        return validate(X, self._dtype(), expected, type(self).__name__)
+
+    def _dtype(self) -> np.dtype:
+        """``resolve_dtype(self.dtype)``, remembered for as long as ``dtype`` is the same object."""
+        cached = self.__dict__.get("_resolved_dtype")
+        if cached is not None and cached[0] is self.dtype:
+            return cached[1]
+        resolved = resolve_dtype(self.dtype)
+        self._resolved_dtype = (self.dtype, resolved)
+        return resolved
 
     def _check_weight(self, sample_weight: Any, n: int) -> np.ndarray:
         return check_weight(sample_weight, n, self.__dict__.setdefault("_ones", {}))
@@ -233,7 +242,7 @@ class StreamingKMeans(EstimatorShims):
                 f"n_clusters was changed to {self.n_clusters} after the model was built "
                 f"with {k}; call fit to start again"
             )
-        if resolve_dtype(self.dtype) != self.cluster_centers_.dtype:
+        if self._dtype() != self.cluster_centers_.dtype:
             raise ValueError(
                 f"dtype was changed to {self.dtype!r} after the model was built with "
                 f"{self.cluster_centers_.dtype}; call fit to start again"
