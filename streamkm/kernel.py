@@ -223,18 +223,14 @@ def _assign_rows(
                 b_j = score_coef[1, j]
                 score0 = min(score0, v0 * a_j + b_j)
                 score1 = min(score1, v1 * a_j + b_j)
-            if v0 < best0:
-                second0 = best0
-                best0 = v0
-                j0 = j
-            elif v0 < second0:
-                second0 = v0
-            if v1 < best1:
-                second1 = best1
-                best1 = v1
-                j1 = j
-            elif v1 < second1:
-                second1 = v1
+            # selects rather than branches: which centroid wins is data, not a pattern
+            if want_second:
+                second0 = min(second0, max(best0, v0))
+                second1 = min(second1, max(best1, v1))
+            j0 = j if v0 < best0 else j0
+            j1 = j if v1 < best1 else j1
+            best0 = min(best0, v0)
+            best1 = min(best1, v1)
         o = out0 + i - start
         labels[o] = j0
         d2[o] = best0
