@@ -12,15 +12,17 @@ Outputs and scratch space are preallocated by the caller, so a stream of batches
 size allocates nothing inside the kernels. Data arrays ``X`` may be float32 or float64; the
 centroids have the same dtype as ``X``; weights, counts and distances are float64.
 
-Squared distances use ``‖x‖² − 2 x·c + ‖c‖²`` clamped at 0, on rows centred by a shift vector
-the model keeps (the weighted mean of its sample), so that data far from the origin keep their
-precision. Two assignment paths compute them:
+Two assignment paths compute the squared distances:
 
-* :func:`assign_direct` — a direct loop, two rows at a time so that every centroid element
-  loaded serves both, with the dot products reduced over the features (vectorised under
-  reassociation); best when ``d·k`` is small;
+* :func:`assign_direct` — a direct loop summing ``(x − c)²`` over the features, two rows at a
+  time so that every centroid element loaded serves both (the sums vectorised under
+  reassociation, the nearest centroid tracked with selects rather than branches). Differences
+  lose nothing to cancellation, so data far from the origin need no centring; best when
+  ``d·k`` is small;
 * a chunked BLAS GEMM (NumPy's ``np.dot`` on ``CHUNK_ROWS`` rows at a time, as scikit-learn
-  does with 256) followed by :func:`argmin_from_dots`; best when ``d·k`` is large. The GEMM is
+  does with 256) followed by :func:`argmin_from_dots`, with ``‖x‖² − 2 x·c + ‖c‖²`` clamped
+  at 0 on rows centred by a shift vector the model keeps (the weighted mean of its sample), so
+  that data far from the origin keep their precision; best when ``d·k`` is large. The GEMM is
   called from Python rather than inside Numba so that no SciPy is needed at run time.
 
 :func:`assign` picks the path from ``d·k`` (crossover measured with

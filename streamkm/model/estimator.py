@@ -8,9 +8,9 @@ refines the centroids with weighted Lloyd iterations on it, with swaps of the le
 centroid and (while the sample still holds the whole stream) a fresh k-means++ restart, each
 kept only when it lowers the sample's error (:mod:`~streamkm.model.refine`,
 :mod:`~streamkm.model.relocation`). With ``half_life`` the weight of old samples decays, in
-the counts and in the sample, so that the model follows a drifting stream. Distances are taken
-on rows centred by a shift vector (the sample's mean), which keeps float32 exact for data far
-from the origin.
+the counts and in the sample, so that the model follows a drifting stream. Distances are summed
+from differences when ``d·k`` is small and taken on rows centred by a shift vector (the
+sample's mean) on the BLAS path, which keeps float32 exact for data far from the origin.
 
 The estimator follows the scikit-learn API (``fit``, ``partial_fit``, ``predict``,
 ``transform``, ``score``, ``get_params``/``set_params``, ``clone``) without depending on

@@ -136,7 +136,7 @@ class Sample:
         parts = [self.free[self.n_free - reuse : self.n_free][::-1].copy()]
         self.n_free -= reuse
         fresh = m - reuse
-        if fresh:  # (while the sample fills, and after a growth of the batch size)
+        if fresh:
             self._grow(self.used + fresh)
             parts.append(np.arange(self.used, self.used + fresh, dtype=np.int64))
             self.used += fresh
