@@ -514,18 +514,22 @@ def sample_candidates(w, u, t0, rate, tau, idx, lw, lq):  # pragma: no cover - c
     n = w.shape[0]
     m = 0
     open_ = tau == -np.inf
-    # e^{(t0+i)·rate − tau}: one constant without forgetting; it under- or overflows only
-    # where the exact test would give the same answer (|log w − log(1 − u)| < 80)
+    # e^{(t0+i)·rate − tau}: one constant without forgetting; with it, advanced by a factor
+    # per row and recomputed every 64 rows (and whenever it nears under- or overflow, where
+    # it is taken exactly), which keeps its relative error far below the margin
     factor = 0.0 if open_ else np.exp(-tau)
+    step = np.exp(rate)
     for i in range(n):
+        if rate != 0.0 and not open_:
+            if i % 64 == 0 or not (1e-300 < factor < 1e300):
+                factor = np.exp((t0 + i) * rate - tau)
+            else:
+                factor *= step
         wi = w[i]
         if not wi > 0.0:
             continue
-        if not open_:
-            if rate != 0.0:
-                factor = np.exp((t0 + i) * rate - tau)
-            if not (1.0 - u[i]) < wi * factor * (1.0 + 1e-9):
-                continue
+        if not open_ and not (1.0 - u[i]) < wi * factor * (1.0 + 1e-9):
+            continue
         lwi = np.log(wi) + (t0 + i) * rate
         lqi = lwi - np.log1p(-u[i])
         if lqi > tau:

@@ -277,7 +277,7 @@ def test_max_magnitude_bits_is_the_largest_magnitude(dtype):
         assert kernel.max_magnitude_bits(Y.reshape(-1).view(uint), uint(mask)) > finite_max
 
 
-@pytest.mark.parametrize("rate", [0.0, 1e-3])
+@pytest.mark.parametrize("rate", [0.0, 1e-3, 0.7])
 @pytest.mark.parametrize("tau", [-np.inf, -1.0, 0.5, 3.0])
 def test_sample_candidates_match_the_priority_rule(rate, tau):
     rng = np.random.default_rng(7)
@@ -285,11 +285,12 @@ def test_sample_candidates_match_the_priority_rule(rate, tau):
     w = rng.choice([0.0, 0.3, 1.0, 4.0], size=n)
     u = rng.random(n)
     idx, lw, lq = np.empty(n, np.int64), np.empty(n), np.empty(n)
-    m = kernel.sample_candidates(w, u, t0, rate, tau - (t0 * rate), idx, lw, lq)
+    threshold = tau + t0 * rate  # the level of this batch's priorities, as in a live sample
+    m = kernel.sample_candidates(w, u, t0, rate, threshold, idx, lw, lq)
     with np.errstate(divide="ignore"):
         ref_lw = np.log(w) + (t0 + np.arange(n)) * rate
     ref_lq = ref_lw - np.log1p(-u)
-    ref = np.flatnonzero(ref_lq > tau - t0 * rate)
+    ref = np.flatnonzero(ref_lq > threshold)
     np.testing.assert_array_equal(idx[:m], ref)
     np.testing.assert_allclose(lw[:m], ref_lw[ref], rtol=1e-14)
     np.testing.assert_allclose(lq[:m], ref_lq[ref], rtol=1e-14)
