@@ -12,15 +12,17 @@ Outputs and scratch space are preallocated by the caller, so a stream of batches
 size allocates nothing inside the kernels. Data arrays ``X`` may be float32 or float64; the
 centroids have the same dtype as ``X``; weights, counts and distances are float64.
 
-Squared distances use ``‖x‖² − 2 x·c + ‖c‖²`` clamped at 0, on rows centred by a shift vector
-the model keeps (the weighted mean of its sample), so that data far from the origin keep their
-precision. Two assignment paths compute them:
+Two assignment paths compute the squared distances:
 
-* :func:`assign_direct` — a direct loop, two rows at a time so that every centroid element
-  loaded serves both, with the dot products reduced over the features (vectorised under
-  reassociation); best when ``d·k`` is small;
+* :func:`assign_direct` — a direct loop summing ``(x − c)²`` over the features, two rows at a
+  time so that every centroid element loaded serves both (the sums vectorised under
+  reassociation, the nearest centroid tracked with selects rather than branches). Differences
+  lose nothing to cancellation, so data far from the origin need no centring; best when
+  ``d·k`` is small;
 * a chunked BLAS GEMM (NumPy's ``np.dot`` on ``CHUNK_ROWS`` rows at a time, as scikit-learn
-  does with 256) followed by :func:`argmin_from_dots`; best when ``d·k`` is large. The GEMM is
+  does with 256) followed by :func:`argmin_from_dots`, with ``‖x‖² − 2 x·c + ‖c‖²`` clamped
+  at 0 on rows centred by a shift vector the model keeps (the weighted mean of its sample), so
+  that data far from the origin keep their precision; best when ``d·k`` is large. The GEMM is
   called from Python rather than inside Numba so that no SciPy is needed at run time.
 
 :func:`assign` picks the path from ``d·k`` (crossover measured with
@@ -39,9 +41,13 @@ __all__ = [
     "assign",
     "assign_direct",
     "kmeans_plusplus",
+    "learn_batch",
+    "max_magnitude_bits",
     "n_local_trials",
     "relocate",
     "row_sq_norms",
+    "sample_candidates",
+    "scatter_rows",
     "update_centroids",
     "weighted_sums",
     "work_size",
@@ -88,7 +94,7 @@ def row_sq_norms(X, out):  # pragma: no cover - compiled
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def _nearest_row(x_sq, row_dots, c_sq, score_coef, want_scores, want_second):  # pragma: no cover
-    """Nearest centroid of one row from its dot products.
+    """Nearest centroid of one row from its dot products (GEMM path).
 
     Returns ``(j, d², second d², score)``; the last two are 0 unless asked for.
     """
@@ -131,13 +137,13 @@ def _nearest_row(x_sq, row_dots, c_sq, score_coef, want_scores, want_second):  #
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def assign_direct(
-    X, shift, C, c_sq, score_coef, labels, d2, scores, d2_second, work
+    X, shift, C, score_coef, labels, d2, scores, d2_second, work
 ):  # pragma: no cover - compiled
-    """Nearest centroid of every row by a direct loop (small ``d·k``).
+    """Nearest centroid of every row by a direct loop over differences (small ``d·k``).
 
-    Rows are taken two at a time so that each centroid element loaded serves both. With a
-    ``shift`` the distances are computed between ``x − shift`` and centroids given in that
-    centred frame, so that a common offset of the data does not cancel the precision away.
+    Squared distances are summed from the differences ``x − c`` themselves, so they lose
+    nothing to cancellation wherever the data lie; with a ``shift`` the rows are first
+    centred on it (for centroids given in that frame).
 
     Parameters
     ----------
@@ -146,74 +152,101 @@ def assign_direct(
     shift : ndarray of shape (d,) or (0,), same dtype as X
         IN. Centre subtracted from every row; empty for none.
     C : ndarray of shape (k, d), same dtype as X
-        IN. Centroids, in the frame centred on ``shift``.
-    c_sq : ndarray of shape (k,), same dtype as X
-        IN. ``‖c_j‖²`` (centred frame).
+        IN. Centroids (in the frame centred on ``shift`` when it is given).
     score_coef : ndarray of shape (2, k) or (0, k), float64
         IN. Anomaly score coefficients: row 0 holds ``a_j``, row 1 ``b_j``; empty to skip the
         scores.
     labels : ndarray of shape (n,), int64
         OUT. Index of the nearest centroid.
     d2 : ndarray of shape (n,), float64
-        OUT. Squared distance to the nearest centroid, clamped at 0.
+        OUT. Squared distance to the nearest centroid.
     scores : ndarray of shape (n,) or (0,), float64
         OUT. ``min_j (a_j·‖x − c_j‖² + b_j)`` when ``score_coef`` is given.
     d2_second : ndarray of shape (n,) or (0,), float64
         OUT. Squared distance to the second nearest centroid (``inf`` if k = 1); empty to
         skip.
-    work : ndarray of shape (2·k + 2·d,) or more, same dtype as X
-        WORK. Dot products and centred copies of the current pair of rows.
+    work : ndarray of shape (2·d,) or more, same dtype as X (unused without ``shift``)
+        WORK. The current pair of rows, centred.
     """
     n, d = X.shape
+    if shift.shape[0] > 0:
+        xc = work[: 2 * d].reshape(2, d)
+        i = 0
+        while i < n:
+            m = min(2, n - i)
+            for r in range(m):
+                for t in range(d):
+                    xc[r, t] = X[i + r, t] - shift[t]
+            _assign_rows(xc[:m], 0, m, i, C, score_coef, labels, d2, scores, d2_second)
+            i += m
+    else:
+        _assign_rows(X, 0, n, 0, C, score_coef, labels, d2, scores, d2_second)
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _assign_rows(
+    X, start, stop, out0, C, score_coef, labels, d2, scores, d2_second
+):  # pragma: no cover - compiled
+    """:func:`assign_direct` on rows ``start:stop`` of ``X``, written from ``out0`` on.
+
+    Rows go two at a time, read in place, so that every centroid element loaded serves
+    both (copying rows to scratch space first made the loop sensitive to where the arrays
+    sit in memory: up to 2× slower for some placements).
+    """
+    d = X.shape[1]
     k = C.shape[0]
     want_scores = score_coef.shape[0] > 0
     want_second = d2_second.shape[0] > 0
-    centred = shift.shape[0] > 0
     zero = X.dtype.type(0.0)
-    dots0 = work[:k]
-    dots1 = work[k : 2 * k]
-    xa = work[2 * k : 2 * k + d]
-    xb = work[2 * k + d : 2 * k + 2 * d]
-    i = 0
-    while i < n:
-        pair = i + 1 < n
-        i1 = i + 1 if pair else i
-        x0 = zero
-        x1 = zero
-        for t in range(d):
-            a = X[i, t]
-            b = X[i1, t]
-            if centred:
-                a -= shift[t]
-                b -= shift[t]
-            xa[t] = a
-            xb[t] = b
-            x0 += a * a
-            x1 += b * b
+    i = start
+    while i < stop:
+        i1 = i + 1 if i + 1 < stop else i
+        best0 = np.inf
+        best1 = np.inf
+        second0 = np.inf
+        second1 = np.inf
+        score0 = np.inf
+        score1 = np.inf
+        j0 = 0
+        j1 = 0
         for j in range(k):
             s0 = zero
             s1 = zero
             for t in range(d):
                 c = C[j, t]
-                s0 += xa[t] * c
-                s1 += xb[t] * c
-            dots0[j] = s0
-            dots1[j] = s1
-        j0, e0, f0, sc0 = _nearest_row(x0, dots0, c_sq, score_coef, want_scores, want_second)
-        labels[i] = j0
-        d2[i] = e0
-        if want_scores:
-            scores[i] = sc0
-        if want_second:
-            d2_second[i] = f0
-        if pair:
-            j1, e1, f1, sc1 = _nearest_row(x1, dots1, c_sq, score_coef, want_scores, want_second)
-            labels[i1] = j1
-            d2[i1] = e1
+                a = X[i, t] - c
+                b = X[i1, t] - c
+                s0 += a * a
+                s1 += b * b
+            v0 = float(s0)
+            v1 = float(s1)
             if want_scores:
-                scores[i1] = sc1
+                a_j = score_coef[0, j]
+                b_j = score_coef[1, j]
+                score0 = min(score0, v0 * a_j + b_j)
+                score1 = min(score1, v1 * a_j + b_j)
+            # selects rather than branches: which centroid wins is data, not a pattern
             if want_second:
-                d2_second[i1] = f1
+                second0 = min(second0, max(best0, v0))
+                second1 = min(second1, max(best1, v1))
+            j0 = j if v0 < best0 else j0
+            j1 = j if v1 < best1 else j1
+            best0 = min(best0, v0)
+            best1 = min(best1, v1)
+        o = out0 + i - start
+        labels[o] = j0
+        d2[o] = best0
+        if want_scores:
+            scores[o] = score0
+        if want_second:
+            d2_second[o] = second0
+        if i1 != i:
+            labels[o + 1] = j1
+            d2[o + 1] = best1
+            if want_scores:
+                scores[o + 1] = score1
+            if want_second:
+                d2_second[o + 1] = second1
         i += 2
 
 
@@ -309,7 +342,7 @@ def assign(
     want_scores = score_coef.shape[0] > 0
     if d * k < threshold:
         sh = shift if shift is not None else work[:0]
-        assign_direct(X, sh, C, c_sq, score_coef, labels, d2, scores, second, work)
+        assign_direct(X, sh, C, score_coef, labels, d2, scores, second, work)
         return
     dots_all = work[: CHUNK_ROWS * k].reshape(CHUNK_ROWS, k)
     C_T = C.T  # a view: BLAS reads the transposed operand in place
@@ -396,9 +429,8 @@ def update_centroids(
         j = labels[i]
         wsum[j] += wi
         e = d2[i]
-        cap = clip / inv_scale[j] if inv_scale[j] > 0.0 else np.inf
-        if e > cap:
-            e = cap
+        if e * inv_scale[j] > clip:  # (a multiplication: no division on every row)
+            e = clip / inv_scale[j]
         sse[j] += wi * e
         for t in range(d):
             sums[j, t] += wi * X[i, t]
@@ -419,6 +451,174 @@ def update_centroids(
         recent[j] += wsum[j]
         shift += np.sqrt(moved)
     return shift / k
+
+
+@njit(cache=True, nogil=True)
+def max_magnitude_bits(bits, mask):  # pragma: no cover - compiled
+    """Largest ``bits & mask`` over a flat array of float bit patterns.
+
+    With ``mask`` clearing the sign bit, the result is the bit pattern of ``max |x|``: IEEE
+    magnitudes order like their bit patterns, and NaN and infinity sort above every finite
+    value. Integer arithmetic keeps the loop vectorised without any fast-math assumption.
+
+    Parameters
+    ----------
+    bits : ndarray of shape (m,), uint32 or uint64
+        IN. The values, viewed as unsigned integers of their width.
+    mask : uint32 or uint64
+        IN. All bits but the sign bit.
+
+    Returns
+    -------
+    peak : same type as ``bits``
+    """
+    peak = bits.dtype.type(0)
+    for i in range(bits.shape[0]):
+        v = bits[i] & mask
+        if v > peak:
+            peak = v
+    return peak
+
+
+@njit(cache=True, nogil=True)
+def sample_candidates(w, u, t0, rate, tau, idx, lw, lq):  # pragma: no cover - compiled
+    """Rows of a batch whose sampling priority beats the threshold.
+
+    Row i has the log priority ``lq = log w_i + (t0 + i)·rate − log(1 − u_i)`` (see
+    :mod:`streamkm.model.sample`) and is a candidate when ``lq > tau``. The test is first
+    made without logarithms, ``1 − u_i < w_i·e^{(t0+i)·rate − tau}`` with a margin, so
+    that only the rows that pass it (few, once the sample is full) pay for the exact one.
+
+    Parameters
+    ----------
+    w : ndarray of shape (n,), float64
+        IN. Weights (≥ 0).
+    u : ndarray of shape (n,), float64
+        IN. Uniform draws in [0, 1).
+    t0 : int
+        IN. Stream position of row 0.
+    rate : float
+        IN. ``ln 2 / half_life``, or 0 without forgetting.
+    tau : float
+        IN. Log threshold (``-inf`` while nothing was evicted).
+    idx : ndarray of shape (n,), int64
+        OUT. Candidate rows, in stream order, in ``idx[:m]``.
+    lw, lq : ndarray of shape (n,), float64
+        OUT. ``log w + t·rate`` and the log priority of each candidate, in ``[:m]``.
+
+    Returns
+    -------
+    m : int
+        Number of candidates.
+    """
+    n = w.shape[0]
+    m = 0
+    open_ = tau == -np.inf
+    # e^{(t0+i)·rate − tau}: one constant without forgetting; with it, advanced by a factor
+    # per row and recomputed every 64 rows (and whenever it nears under- or overflow, where
+    # it is taken exactly), which keeps its relative error far below the margin
+    factor = 0.0 if open_ else np.exp(-tau)
+    step = np.exp(rate)
+    for i in range(n):
+        if rate != 0.0 and not open_:
+            if i % 64 == 0 or not (1e-300 < factor < 1e300):
+                factor = np.exp((t0 + i) * rate - tau)
+            else:
+                factor *= step
+        wi = w[i]
+        if not wi > 0.0:
+            continue
+        if not open_ and not (1.0 - u[i]) < wi * factor * (1.0 + 1e-9):
+            continue
+        lwi = np.log(wi) + (t0 + i) * rate
+        lqi = lwi - np.log1p(-u[i])
+        if lqi > tau:
+            idx[m] = i
+            lw[m] = lwi
+            lq[m] = lqi
+            m += 1
+    return m
+
+
+@njit(cache=True, nogil=True)
+def scatter_rows(X, idx, lw_new, lq_new, slots, rows, lw, lq):  # pragma: no cover - compiled
+    """Write rows ``X[idx[r]]`` and their log weights and priorities into ``slots[r]``.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n, d)
+        IN. The batch.
+    idx : ndarray of shape (m,), int64
+        IN. Rows of ``X`` to write.
+    lw_new, lq_new : ndarray of shape (m,), float64
+        IN. Their log weights and log priorities.
+    slots : ndarray of shape (m,), int64
+        IN. Destination slot of each.
+    rows : ndarray of shape (capacity, d), same dtype as X
+        INOUT. The sample's rows.
+    lw, lq : ndarray of shape (capacity,), float64
+        INOUT. The sample's log weights and log priorities.
+    """
+    d = X.shape[1]
+    for r in range(idx.shape[0]):
+        i = idx[r]
+        s = slots[r]
+        for t in range(d):
+            rows[s, t] = X[i, t]
+        lw[s] = lw_new[r]
+        lq[s] = lq_new[r]
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def learn_batch(
+    X,
+    w,
+    labels,
+    d2,
+    inv_scale,
+    clip,
+    decay,
+    recent_keep,
+    C,
+    counts,
+    sse,
+    recent,
+    sums,
+    wsum,
+    totals,
+):  # pragma: no cover - compiled
+    """One streaming step's bookkeeping and update: forgetting, then :func:`update_centroids`.
+
+    Parameters
+    ----------
+    X, w, labels, d2, inv_scale, clip, C, counts, sse, recent, sums, wsum
+        As in :func:`update_centroids`; ``counts``, ``sse`` and ``recent`` are decayed here
+        rather than by the caller.
+    decay : float
+        IN. Factor applied to ``counts`` and ``sse`` before the batch (1 without forgetting).
+    recent_keep : float
+        IN. Factor applied to ``recent`` before the batch.
+    totals : ndarray of shape (2,), float64
+        OUT. ``Σ w`` and ``Σ w·d²`` over the batch.
+
+    Returns
+    -------
+    shift : float
+        Mean over the k centroids of the Euclidean distance each one moved.
+    """
+    k = C.shape[0]
+    for j in range(k):
+        counts[j] *= decay
+        sse[j] *= decay
+        recent[j] *= recent_keep
+    total_w = 0.0
+    total_e = 0.0
+    for i in range(w.shape[0]):
+        total_w += w[i]
+        total_e += w[i] * d2[i]
+    totals[0] = total_w
+    totals[1] = total_e
+    return update_centroids(X, w, labels, d2, inv_scale, clip, C, counts, sse, recent, sums, wsum)
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)

@@ -8,9 +8,9 @@ refines the centroids with weighted Lloyd iterations on it, with swaps of the le
 centroid and (while the sample still holds the whole stream) a fresh k-means++ restart, each
 kept only when it lowers the sample's error (:mod:`~streamkm.model.refine`,
 :mod:`~streamkm.model.relocation`). With ``half_life`` the weight of old samples decays, in
-the counts and in the sample, so that the model follows a drifting stream. Distances are taken
-on rows centred by a shift vector (the sample's mean), which keeps float32 exact for data far
-from the origin.
+the counts and in the sample, so that the model follows a drifting stream. Distances are summed
+from differences when ``d·k`` is small and taken on rows centred by a shift vector (the
+sample's mean) on the BLAS path, which keeps float32 exact for data far from the origin.
 
 The estimator follows the scikit-learn API (``fit``, ``partial_fit``, ``predict``,
 ``transform``, ``score``, ``get_params``/``set_params``, ``clone``) without depending on
@@ -67,6 +67,7 @@ _EWMA_HALF_LIFE_BATCHES = 10.0
 
 _EMPTY = np.empty(0, dtype=np.float64)
 _NO_SCORES = np.empty((0, 0), dtype=np.float64)
+_NO_SHIFT = {np.dtype(t): np.empty(0, dtype=t) for t in (np.float32, np.float64)}
 # attributes a step changes, restored by StreamingKMeans.restore
 _ARRAYS = ("cluster_centers_", "counts_", "_sse", "_recent", "_shift")
 _SCALARS = (
@@ -213,7 +214,16 @@ class StreamingKMeans(EstimatorShims):
 
     def _validate(self, X: Any, reset: bool = False) -> np.ndarray:
         expected = None if reset else getattr(self, "n_features_in_", None)
-        return validate(X, resolve_dtype(self.dtype), expected, type(self).__name__)
+        return validate(X, self._dtype(), expected, type(self).__name__)
+
+    def _dtype(self) -> np.dtype:
+        """``resolve_dtype(self.dtype)``, remembered for as long as ``dtype`` is the same object."""
+        cached = self.__dict__.get("_resolved_dtype")
+        if cached is not None and cached[0] is self.dtype:
+            return cached[1]
+        resolved = resolve_dtype(self.dtype)
+        self._resolved_dtype = (self.dtype, resolved)
+        return resolved
 
     def _check_weight(self, sample_weight: Any, n: int) -> np.ndarray:
         return check_weight(sample_weight, n, self.__dict__.setdefault("_ones", {}))
@@ -232,7 +242,7 @@ class StreamingKMeans(EstimatorShims):
                 f"n_clusters was changed to {self.n_clusters} after the model was built "
                 f"with {k}; call fit to start again"
             )
-        if resolve_dtype(self.dtype) != self.cluster_centers_.dtype:
+        if self._dtype() != self.cluster_centers_.dtype:
             raise ValueError(
                 f"dtype was changed to {self.dtype!r} after the model was built with "
                 f"{self.cluster_centers_.dtype}; call fit to start again"
@@ -298,19 +308,23 @@ class StreamingKMeans(EstimatorShims):
         self.inertia_ = float("nan")
         self.inertia_ewma_ = float("nan")
         self.last_shift_ = 0.0
-        self._work: dict[str, np.ndarray] = {}
+        self._work: dict[str, tuple[np.ndarray, tuple[int, ...], np.ndarray]] = {}
 
     # ------------------------------------------------------------------ core
 
     def _workspace(self, name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         """A cached scratch array (grown on demand), so that steady streams do not allocate."""
         work = self.__dict__.setdefault("_work", {})
-        buf = work.get(name)
+        entry = work.get(name)
+        if entry is not None and entry[1] == shape and entry[2].dtype == dtype:
+            return entry[2]  # the same shape as last time: the common case
         size = math.prod(shape)
+        buf = entry[0] if entry is not None else None
         if buf is None or buf.size < size or buf.dtype != np.dtype(dtype):
             buf = np.empty(max(size, 1), dtype=dtype)
-            work[name] = buf
-        return buf[:size].reshape(shape)
+        view = buf[:size].reshape(shape)
+        work[name] = (buf, shape, view)
+        return view
 
     def _inv_scale(self) -> np.ndarray:
         """``1 / s_j``: inverse of each cluster's spread (see :mod:`~streamkm.model.scoring`)."""
@@ -339,13 +353,21 @@ class StreamingKMeans(EstimatorShims):
         if want_scores and score_coef is None:
             score_coef = scoring.score_coef(self.counts_, self._inv_scale(), C)
         coef = score_coef if want_scores and score_coef is not None else _NO_SCORES
-        Cc = C - self._shift  # the centred frame: no cancellation for data far from 0
-        c_sq = np.einsum("ij,ij->i", Cc, Cc)
-        size = kernel.work_size(k, d)
-        work = self._workspace("assign", (size,), C.dtype) if scratch else np.empty(size, C.dtype)
-        kernel.assign(
-            X, Cc, c_sq, coef, labels, d2, scores, work, d2_second=d2_second, shift=self._shift
-        )
+        if d * k < kernel.GEMM_MIN_DK:
+            # sums of squared differences: exact wherever the data lie, no centring needed
+            none = _NO_SHIFT[X.dtype]
+            second = _EMPTY if d2_second is None else d2_second
+            kernel.assign_direct(X, none, C, coef, labels, d2, scores, second, none)
+        else:
+            Cc = C - self._shift  # the centred frame: no cancellation for data far from 0
+            c_sq = np.einsum("ij,ij->i", Cc, Cc)
+            size = kernel.work_size(k, d)
+            work = (
+                self._workspace("assign", (size,), C.dtype) if scratch else np.empty(size, C.dtype)
+            )
+            kernel.assign(
+                X, Cc, c_sq, coef, labels, d2, scores, work, d2_second=d2_second, shift=self._shift
+            )
         if want_scores:
             np.clip(scores, 0.0, scoring.SCORE_MAX, out=scores)
         return labels, d2, scores
@@ -377,28 +399,30 @@ class StreamingKMeans(EstimatorShims):
         """Update the model with a batch already assigned with the current centroids."""
         n, d = X.shape
         k = self.cluster_centers_.shape[0]
-        if self.half_life is not None:
-            decay = 0.5 ** (n / float(self.half_life))
-            self.counts_ *= decay
-            self._sse *= decay
+        decay = 1.0 if self.half_life is None else 0.5 ** (n / float(self.half_life))
         per_batch = 1.0 - 0.5 ** (n / (_RECENT_HALF_LIFE_BATCHES * float(self.batch_size)))
-        self._recent *= 1.0 - per_batch
-        total_w = float(w.sum())
-        inertia = float(np.dot(w, d2)) / total_w if total_w > 0 else 0.0
         sums = self._workspace("sums", (k, d), np.float64)
         wsum = self._workspace("wsum", (k,), np.float64)
+        totals = self._workspace("totals", (2,), np.float64)
         C, counts, sse, recent = self.cluster_centers_, self.counts_, self._sse, self._recent
-        shift = kernel.update_centroids(
-            X, w, labels, d2, inv, scoring.CLIP, C, counts, sse, recent, sums, wsum
-        )
-        spread = float(np.median(1.0 / inv))
+        shift = kernel.learn_batch(
+            X, w, labels, d2, inv, scoring.CLIP, decay, 1.0 - per_batch,
+            C, counts, sse, recent, sums, wsum, totals,
+        )  # fmt: skip
+        total_w = float(totals[0])
+        inertia = float(totals[1]) / total_w if total_w > 0 else 0.0
+        # the median spread (of the k values, as np.median takes it), for a moved centroid
+        spread_sorted = np.sort(inv)
+        spread = 0.5 * (1.0 / spread_sorted[(k - 1) // 2] + 1.0 / spread_sorted[k // 2])
         ratio = float(self.reassignment_ratio)
         rng = self._rng
         moved = relocation.relocate_on_batch(
             X, w, labels, d2, d2_second, C, counts, sse, recent, ratio, rng, spread, per_batch
         )
         shift += moved / k
-        self._sample.offer(X, w, np.asarray(self._rng.random(n)), self.n_samples_seen_)
+        u = self._workspace("u", (n,), np.float64)
+        rng.random(out=u)
+        self._sample.offer(X, w, u, self.n_samples_seen_)
         self.n_samples_seen_ += n
         self.n_steps_ += 1
         self.inertia_ = inertia

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from streamkm import kernel
+
 __all__ = ["Sample"]
 
 _LN2 = math.log(2.0)
@@ -58,6 +60,8 @@ class Sample:
         self.n_free = 0
         self.tau = -math.inf  # log of the largest priority evicted
         self._log: list[tuple[str, np.ndarray, np.ndarray]] | None = None
+        # candidate rows of an offer (grown to the largest batch)
+        self._scratch = (np.empty(0, np.int64), np.empty(0), np.empty(0))
 
     # ------------------------------------------------------------------ queries
 
@@ -107,25 +111,24 @@ class Sample:
         t0 : int
             Stream position of the first row.
         """
-        if self.size <= 0 or X.shape[0] == 0:
+        n = X.shape[0]
+        if self.size <= 0 or n == 0:
             return
-        with np.errstate(divide="ignore"):
-            lw = np.log(w)
-        if self.rate:
-            lw = lw + (t0 + np.arange(X.shape[0])) * self.rate
-        lq = lw - np.log1p(-u)
-        acc = np.flatnonzero(lq > self.tau)
-        if acc.size == 0:
+        scratch = self._scratch
+        if scratch[0].shape[0] < n:
+            scratch = self._scratch = (np.empty(n, np.int64), np.empty(n), np.empty(n))
+        idx, lw, lq = scratch
+        m = kernel.sample_candidates(w, u, int(t0), self.rate, self.tau, idx, lw, lq)
+        if m == 0:
             return
-        room = self.n_free + self.capacity - self.used
-        if acc.size > room:
-            acc = self._evict(lq, acc)
-        slots = self._take_slots(acc.size)
+        idx, lw, lq = idx[:m], lw[:m], lq[:m]
+        if m > self.n_free + self.capacity - self.used:
+            keep = self._evict(lq)
+            idx, lw, lq = idx[keep], lw[keep], lq[keep]
+        slots = self._take_slots(idx.shape[0])
         if self._log is not None:
             self._record(slots)
-        self.rows[slots] = X[acc]
-        self.lw[slots] = lw[acc]
-        self.lq[slots] = lq[acc]
+        kernel.scatter_rows(X, idx, lw, lq, slots, self.rows, self.lw, self.lq)
 
     def _take_slots(self, m: int) -> np.ndarray:
         """``m`` slots to write: free ones first, then new ones (growing the arrays)."""
@@ -150,16 +153,17 @@ class Sample:
             arr[: old.shape[0]] = old
             setattr(self, name, arr)
 
-    def _evict(self, lq_new: np.ndarray, acc: np.ndarray) -> np.ndarray:
-        """Evict down to ``size`` rows among the sample and the candidates ``acc``.
+    def _evict(self, lq_new: np.ndarray) -> np.ndarray:
+        """Evict down to ``size`` rows among the sample and the candidates ``lq_new``.
 
-        Returns the candidates that survive; raises the threshold ``τ`` to the largest
-        priority dropped.
+        Returns the mask of the candidates that survive; raises the threshold ``τ`` to the
+        largest priority dropped.
         """
+        keep = np.ones(lq_new.shape[0], dtype=bool)
         live = np.flatnonzero(self.lq[: self.used] > -math.inf)
-        pool = np.concatenate([self.lq[live], lq_new[acc]])
+        pool = np.concatenate([self.lq[live], lq_new])
         if pool.size <= self.size:
-            return acc
+            return keep
         # the (size)-th largest priority is the lowest one kept
         cut = pool.size - self.size
         part = np.partition(pool, cut - 1)
@@ -172,7 +176,7 @@ class Sample:
             self.lq[out] = -math.inf
             self.free[self.n_free : self.n_free + out.size] = out
             self.n_free += out.size
-        return acc[lq_new[acc] > dropped_max]
+        return lq_new > dropped_max
 
     # ------------------------------------------------------------------ undo log
 

@@ -207,6 +207,96 @@ def test_update_ignores_zero_weight_rows_and_clips_sse():
     assert sse[0] == pytest.approx(0 + 1 + 4.0)  # the far row adds at most clip·s
 
 
+@settings(max_examples=40, deadline=None)
+@given(problems(), st.booleans(), st.booleans())
+def test_direct_assignment_with_a_shift_matches_reference(problem, scores, second):
+    X, C = problem
+    n, k = X.shape[0], C.shape[0]
+    offset = X.dtype.type(1e3)
+    shift = (X.mean(axis=0) + offset).astype(X.dtype)
+    Xs, Cc = X + offset, (C + offset) - shift
+    coef = np.stack([np.linspace(0.5, 2.0, k), np.linspace(0.0, 1.0, k)]) if scores else None
+    labels, d2 = np.empty(n, np.int64), np.empty(n)
+    out_scores = np.empty(n if scores else 0)
+    d2_second = np.empty(n) if second else np.empty(0)
+    work = np.empty(2 * X.shape[1], X.dtype)
+    no_coef = np.empty((0, k))
+    kernel.assign_direct(
+        Xs, shift, Cc, coef if scores else no_coef, labels, d2, out_scores, d2_second, work
+    )
+    ref = ref_sq_dist(Xs.astype(np.float64) - shift, Cc)
+    tol = 64 * np.finfo(X.dtype).eps * (1.0 + float(ref.max()) + 4 * float(offset))
+    rows = np.arange(n)
+    assert np.all(ref[rows, labels] <= ref.min(axis=1) + tol)
+    np.testing.assert_allclose(d2, ref.min(axis=1), rtol=0, atol=tol)
+    if scores:
+        expected = (ref * coef[0][None, :] + coef[1][None, :]).min(axis=1)
+        np.testing.assert_allclose(out_scores, expected, rtol=0, atol=5 * tol)
+    if second:
+        want = np.sort(ref, axis=1)[:, 1] if k > 1 else np.full(n, np.inf)
+        np.testing.assert_allclose(d2_second, want, rtol=0, atol=tol)
+
+
+def test_learn_batch_is_decay_then_update_with_totals():
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((300, 6)).astype(np.float32)
+    w = rng.uniform(0.0, 2.0, 300)
+    w[::7] = 0.0
+    labels = rng.integers(0, 4, 300).astype(np.int64)
+    C = rng.standard_normal((4, 6)).astype(np.float32)
+    d2 = ref_sq_dist(X, C)[np.arange(300), labels]
+    counts, sse, recent = rng.uniform(1, 9, 4), rng.uniform(1, 9, 4), rng.uniform(1, 9, 4)
+    inv = rng.uniform(0.5, 2.0, 4)
+    ref = [a.copy() for a in (C, counts * 0.5, sse * 0.5, recent * 0.75)]
+    ref_shift = kernel.update_centroids(
+        X, w, labels, d2, inv, 9.0, *ref, np.empty((4, 6)), np.empty(4)
+    )
+    totals = np.empty(2)
+    shift = kernel.learn_batch(
+        X, w, labels, d2, inv, 9.0, 0.5, 0.75, C, counts, sse, recent,
+        np.empty((4, 6)), np.empty(4), totals,
+    )  # fmt: skip
+    for got, want in zip((C, counts, sse, recent), ref, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert shift == pytest.approx(ref_shift, rel=1e-6)
+    np.testing.assert_allclose(totals, [w.sum(), np.dot(w, d2)], rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_max_magnitude_bits_is_the_largest_magnitude(dtype):
+    rng = np.random.default_rng(6)
+    uint, mask = (np.uint32, 0x7FFFFFFF) if dtype == np.float32 else (np.uint64, (1 << 63) - 1)
+    X = (rng.standard_normal((50, 3)) * 1e3).astype(dtype)
+    X[17, 1] = -5e4
+    peak = kernel.max_magnitude_bits(X.reshape(-1).view(uint), uint(mask))
+    assert np.array(peak, dtype=uint).view(dtype) == np.abs(X).max()
+    finite_max = np.array(np.finfo(dtype).max, dtype=dtype).view(uint)
+    for bad in (np.nan, -np.inf, np.inf):
+        Y = X.copy()
+        Y[3, 2] = bad
+        assert kernel.max_magnitude_bits(Y.reshape(-1).view(uint), uint(mask)) > finite_max
+
+
+@pytest.mark.parametrize("rate", [0.0, 1e-3, 0.7])
+@pytest.mark.parametrize("tau", [-np.inf, -1.0, 0.5, 3.0])
+def test_sample_candidates_match_the_priority_rule(rate, tau):
+    rng = np.random.default_rng(7)
+    n, t0 = 500, 12_345
+    w = rng.choice([0.0, 0.3, 1.0, 4.0], size=n)
+    u = rng.random(n)
+    idx, lw, lq = np.empty(n, np.int64), np.empty(n), np.empty(n)
+    threshold = tau + t0 * rate  # the level of this batch's priorities, as in a live sample
+    m = kernel.sample_candidates(w, u, t0, rate, threshold, idx, lw, lq)
+    with np.errstate(divide="ignore"):
+        ref_lw = np.log(w) + (t0 + np.arange(n)) * rate
+    ref_lq = ref_lw - np.log1p(-u)
+    ref = np.flatnonzero(ref_lq > threshold)
+    np.testing.assert_array_equal(idx[:m], ref)
+    np.testing.assert_allclose(lw[:m], ref_lw[ref], rtol=1e-14)
+    np.testing.assert_allclose(lq[:m], ref_lq[ref], rtol=1e-14)
+    assert 0 < m < n or tau == -np.inf
+
+
 def _kpp(X, k, seed=0, w=None):
     n = X.shape[0]
     w = np.ones(n) if w is None else w
