@@ -145,10 +145,28 @@ def test_schedule_keeps_refinement_within_its_budget(monkeypatch):
     assert refine.next_refine(100, 1, 10, 32768, 1024) == 1124  # never closer than a batch
     full = refine.next_refine(40_000, 3, 32768, 32768, 1024)
     assert full == 40_000 + math.ceil(3 * 32768 / refine.REFINE_BUDGET)
-    # geometric schedule while the sample holds the whole stream (the default)
+    # while the sample holds the whole stream (the default): gaps of n²/size rows
     monkeypatch.setattr(refine, "EARLY_FACTOR", 2.0)
-    assert refine.next_refine(4096, 3, 4096, 32768, 1024) == 8192
+    assert refine.next_refine(4096, 3, 4096, 32768, 1024) == 4096 + 512
+    assert refine.next_refine(16384, 3, 16384, 32768, 1024) == 16384 + 8192
+    assert refine.next_refine(100, 3, 100, 32768, 1024) == 101  # a short stream: every call
     assert refine.next_refine(40_000, 3, 32768, 32768, 1024) == full
+
+
+def test_filling_schedule_spends_a_bounded_share_per_doubling():
+    # rows refined on while a 32768-row sample fills, streamed in batches of 256: each
+    # doubling of the stream costs about ln 2 refinements of the full sample
+    size, n, due, refined = 32768, 0, 256, []
+    while n < size:
+        n += 256
+        if n >= due:
+            refined.append(n)
+            due = refine.next_refine(n, 1, n, size, 256)
+    per_doubling = [
+        sum(r for r in refined if lo < r <= 2 * lo) / size for lo in (2048, 4096, 8192, 16384)
+    ]
+    assert all(0.3 < c < 1.5 for c in per_doubling), per_doubling
+    assert refined[:8] == [256 * i for i in range(1, 9)]  # a short stream: every batch
 
 
 def test_match_centroids_undoes_a_permutation_and_pairs_nearest_first():
