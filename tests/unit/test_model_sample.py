@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from streamkm import limits
-from streamkm.model import StateError, StreamingKMeans, refine, scoring
+from streamkm.model import StateError, StreamingKMeans, refine, relocation, scoring
 from streamkm.model.sample import Sample
 
 pytestmark = pytest.mark.unit
@@ -207,6 +207,24 @@ def test_a_restart_replaces_a_poor_optimum_and_keeps_cluster_ids():
     # ids stay put where the clusters stay: the blob at (0, 30) keeps centroid 3
     assert np.abs(freed.centroids[3] - [0.0, 30.0]).max() < 0.5
     assert freed.wsum.sum() == pytest.approx(w.sum())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_centroid_on_a_few_scattered_far_rows_is_rehomed_among_dense_ones(seed):
+    # Lloyd keeps a centroid on the few far rows nearest it, and candidates drawn by squared
+    # distance would all be far rows, which a moved centroid may not take: the draws for a
+    # centroid that serves no group are clipped, so it moves into the dense clusters
+    rng = np.random.default_rng(seed)
+    centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    X = centres[rng.integers(0, 3, 12000)] + rng.normal(size=(12000, 2))
+    X[:20] = rng.uniform(-300, 300, size=(20, 2))
+    X = X.astype(np.float32)
+    w = np.ones(12000)
+    C = np.vstack([centres, X[:1]]).astype(np.float32)
+    out = refine.refine(X, w, C, np_assign, np.random.default_rng(0), swap=True, restarts=0)
+    assert out.swapped
+    assert np.abs(out.centroids).max() < 20.0
+    assert out.wsum.min() >= relocation.min_weight(w, 4)
 
 
 def test_one_refinement_never_spends_more_than_its_work_cap(monkeypatch):
