@@ -53,7 +53,7 @@ LLOYD_TOL = 1e-4
 #: While the sample is not full, the stream grows by a factor ``1 + (EARLY_FACTOR - 1)·fill``
 #: between two refinements, ``fill`` the sample's share of its size (None: the budget rule from
 #: the start).
-EARLY_FACTOR: float | None = 2.0
+EARLY_FACTOR: float | None = 3.0
 #: Refinement work allowed per unit of stream assignment work.
 REFINE_BUDGET = 0.2
 #: Swaps tried per refinement (each kept only if it lowers the sample's error; the first that
