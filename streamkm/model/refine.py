@@ -14,14 +14,14 @@ ones so that cluster ids move as little as possible. On a sample of a few thousa
 is ``KMeans(n_init=RESTARTS)`` warm-started by the previous solution.
 
 Schedule: while the sample holds the whole stream (``n`` rows of its ``size``), the next
-refinement comes after ``(EARLY_FACTOR - 1)·n·n/size`` further rows (at least one call): every
-doubling of the stream then costs about ``ln 2 / (EARLY_FACTOR - 1)`` refinements of the
-full sample, paid once, and a short stream is refined on every call — on a small table with
-many centroids the rows after the last refinement are what an offline solution gains on it.
-Once it is full, a refinement that cost ``p`` passes over ``m``
-sample rows is followed by the next one after ``max(batch_size, p·m / REFINE_BUDGET)`` further
-rows: refinement then never costs more than ``ρ = REFINE_BUDGET`` times the assignment work of
-the stream itself.
+refinement comes after ``(EARLY_FACTOR - 1)·n·n/size`` further rows (at least one): every
+doubling of the stream then costs about ``ln 2 / (EARLY_FACTOR - 1)`` refinements of the full
+sample, paid once, and a short stream is refined on every call (while that gap is below a
+batch) — on a small table with many centroids, the rows that arrive after the last refinement
+are what an offline solution gains on the stream. Once the sample is full, a refinement that
+cost ``p`` passes over ``m`` sample rows is followed by the next one after
+``max(batch_size, p·m / REFINE_BUDGET)`` further rows: refinement then never costs more than
+``ρ = REFINE_BUDGET`` times the assignment work of the stream itself.
 """
 
 from __future__ import annotations
@@ -120,9 +120,9 @@ def next_refine(n_seen: int, passes: int, rows: int, size: int, batch_size: int)
         The model's batch size (the shortest gap).
     """
     if EARLY_FACTOR is not None and rows < size:  # the sample holds the whole stream
-        # each refinement costs ~rows = n_seen row-passes; gaps of (F - 1)·n²/size rows
-        # spend about (F - 1)⁻¹·ln 2 refinements of the full sample per doubling of the
-        # stream, whatever its length, and refine a short stream (n² < size) on every call
+        # a refinement costs ~n row-passes: gaps of (F - 1)·n²/size rows spend about
+        # ln 2 / (F - 1) refinements of the full sample per doubling of the stream, whatever
+        # its length, and refine a short stream on every call
         return n_seen + max(1, int((EARLY_FACTOR - 1.0) * n_seen * rows / size))
     gap = math.ceil(passes * rows / REFINE_BUDGET)
     return n_seen + max(int(batch_size), gap)
@@ -189,9 +189,9 @@ def refine(
     swap : bool
         Whether to try relocating centroids (``reassignment_ratio > 0``).
     restarts : int
-        Fresh k-means++ seedings of the sample to try after the swaps; one that ends with a
-        lower error replaces the centroids, matched to the old ones so that cluster ids move
-        as little as possible.
+        Most fresh k-means++ seedings of the sample to try after the swaps (beyond the first,
+        only as many as fit in ``RESTART_WORK``); one that ends with a lower error replaces
+        the centroids, matched to the old ones so that cluster ids move as little as possible.
     """
     # every pass costs m·k·d multiply-adds: at large sizes the pass count is capped so that
     # one refinement never stalls the stream for long (deterministic: no clocks involved)
