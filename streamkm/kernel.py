@@ -45,6 +45,7 @@ __all__ = [
     "max_magnitude_bits",
     "n_local_trials",
     "relocate",
+    "relocate_clipped",
     "row_sq_norms",
     "sample_candidates",
     "scatter_rows",
@@ -860,6 +861,76 @@ def relocate(
                 best_gain = g
                 best_idx = idx
                 best_cap = cap
+                for i in range(n):
+                    best[i] = cand[i]
+        if best_idx < 0:
+            continue
+        j = targets[s]
+        for t in range(d):
+            C[j, t] = X[best_idx, t]
+        for i in range(n):
+            if best[i] < d2[i]:
+                d2[i] = best[i]
+        gain[s] = best_gain
+        captured[s] = best_cap
+        n_moved += 1
+    return n_moved
+
+
+@njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def relocate_clipped(
+    X, w, d2, cap, targets, u, min_gain, min_captured, C, gain, captured, cand, best, cum
+):  # pragma: no cover - compiled
+    """:func:`relocate` with candidates drawn proportionally to ``w·min(D², cap)``.
+
+    Gains are measured on the full ``D²`` as in :func:`relocate`; only the draw is clipped, so
+    that a few scattered far rows (which a centroid may not take) do not crowd out candidates
+    in dense regions. Groups whose rows are all beyond ``cap`` keep a draw mass proportional
+    to their weight.
+
+    Parameters
+    ----------
+    X, w, d2, targets, u, min_gain, min_captured, C, gain, captured, cand, best, cum
+        As in :func:`relocate`.
+    cap : float
+        IN. Largest squared distance a row's draw mass counts.
+
+    Returns
+    -------
+    n_moved : int
+        Number of centroids moved (those with ``gain > 0``).
+    """
+    n, d = X.shape
+    m = targets.shape[0]
+    n_trials = u.shape[1]
+    n_moved = 0
+    for s in range(m):
+        gain[s] = 0.0
+        captured[s] = 0.0
+    for s in range(m):
+        acc = 0.0
+        for i in range(n):
+            acc += w[i] * (d2[i] if d2[i] < cap else cap)
+            cum[i] = acc
+        if not acc > 0.0:
+            break
+        best_gain = min_gain[s] if min_gain[s] > 0.0 else 0.0
+        best_idx = -1
+        best_cap = 0.0
+        for r in range(n_trials):
+            idx = _draw(cum, u[s, r] * acc)
+            _sq_dist_to_row(X, idx, cand)
+            g = 0.0
+            cap_w = 0.0
+            for i in range(n):
+                diff = d2[i] - cand[i]
+                if diff > 0.0:
+                    g += w[i] * diff
+                    cap_w += w[i]
+            if g > best_gain and cap_w >= min_captured:
+                best_gain = g
+                best_idx = idx
+                best_cap = cap_w
                 for i in range(n):
                     best[i] = cand[i]
         if best_idx < 0:

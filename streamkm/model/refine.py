@@ -6,17 +6,22 @@ sample (:mod:`streamkm.model.sample`), starting from the live centroids, until a
 the sample's error by less than ``LLOYD_TOL`` (at most ``LLOYD_PASSES``), followed by up to
 ``SWAP_TRIES`` swaps of the least useful centroid, each kept only if it lowers the sample's
 error (:func:`streamkm.model.relocation.swap_on_sample`). While the sample still holds the
-whole stream, each refinement also tries ``RESTARTS`` fresh k-means++ seedings of the sample,
-run through Lloyd and kept only if they end lower (StreamKM++, Ackermann et al. 2012, solves
-its coreset the same way; BICO, Fichtenberger et al. 2013, likewise); the winner's centroids
-are matched to the old ones so that cluster ids move as little as possible.
+whole stream, each refinement also tries fresh k-means++ seedings of the sample (up to
+``RESTARTS`` while they cost less than ``RESTART_WORK``, at least one), run through Lloyd and
+kept only if they end lower (StreamKM++, Ackermann et al. 2012, solves its coreset the same
+way; BICO, Fichtenberger et al. 2013, likewise); the winner's centroids are matched to the old
+ones so that cluster ids move as little as possible. On a sample of a few thousand rows this
+is ``KMeans(n_init=RESTARTS)`` warm-started by the previous solution.
 
-Schedule: while the sample holds the whole stream, refinements come at geometric stream
-positions (each ``EARLY_FACTOR`` times the last): their cost adds up to a few passes over the
-sample's final size, paid once. Once it is full, a refinement that cost ``p`` passes over ``m``
-sample rows is followed by the next one after ``max(batch_size, p·m / REFINE_BUDGET)`` further
-rows: refinement then never costs more than ``ρ = REFINE_BUDGET`` times the assignment work of
-the stream itself.
+Schedule: while the sample holds the whole stream (``n`` rows of its ``size``), the next
+refinement comes after ``(EARLY_FACTOR - 1)·n·n/size`` further rows (at least one): every
+doubling of the stream then costs about ``ln 2 / (EARLY_FACTOR - 1)`` refinements of the full
+sample, paid once, and a short stream is refined on every call (while that gap is below a
+batch) — on a small table with many centroids, the rows that arrive after the last refinement
+are what an offline solution gains on the stream. Once the sample is full, a refinement that
+cost ``p`` passes over ``m`` sample rows is followed by the next one after
+``max(batch_size, p·m / REFINE_BUDGET)`` further rows: refinement then never costs more than
+``ρ = REFINE_BUDGET`` times the assignment work of the stream itself.
 """
 
 from __future__ import annotations
@@ -44,10 +49,11 @@ __all__ = [
 #: Most assignment passes over the sample per refinement (the last one measures the result).
 LLOYD_PASSES = 30
 #: Lloyd stops early when a pass lowers the sample's error by less than this fraction.
-LLOYD_TOL = 1e-3
-#: Growth factor of the stream between two refinements while the sample is not full
-#: (None: the budget rule from the start).
-EARLY_FACTOR: float | None = 2.0
+LLOYD_TOL = 1e-4
+#: While the sample is not full, the stream grows by a factor ``1 + (EARLY_FACTOR - 1)·fill``
+#: between two refinements, ``fill`` the sample's share of its size (None: the budget rule from
+#: the start).
+EARLY_FACTOR: float | None = 3.0
 #: Refinement work allowed per unit of stream assignment work.
 REFINE_BUDGET = 0.2
 #: Swaps tried per refinement (each kept only if it lowers the sample's error; the first that
@@ -60,7 +66,11 @@ SWAP_PASSES = 2
 MAX_WORK = 2e10
 #: Fresh k-means++ seedings tried on the sample per refinement while it still holds the whole
 #: stream (each run through Lloyd and kept only if it ends lower than the live centroids).
-RESTARTS = 1
+RESTARTS = 10
+#: Restarts beyond the first are tried only while all of them (``LLOYD_PASSES + 1`` passes
+#: each) fit in this many multiply-adds: on small samples a refinement runs like ``KMeans``
+#: with ``n_init = RESTARTS``, on large ones it tries one.
+RESTART_WORK = 1e8
 
 #: assign(X, C, d2_second) -> (labels, d2): nearest centroid under the model's centring.
 AssignFn = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], tuple[np.ndarray, np.ndarray]]
@@ -110,9 +120,11 @@ def next_refine(n_seen: int, passes: int, rows: int, size: int, batch_size: int)
         The model's batch size (the shortest gap).
     """
     if EARLY_FACTOR is not None and rows < size:  # the sample holds the whole stream
-        gap = int((EARLY_FACTOR - 1.0) * n_seen)
-    else:
-        gap = math.ceil(passes * rows / REFINE_BUDGET)
+        # a refinement costs ~n row-passes: gaps of (F - 1)·n²/size rows spend about
+        # ln 2 / (F - 1) refinements of the full sample per doubling of the stream, whatever
+        # its length, and refine a short stream on every call
+        return n_seen + max(1, int((EARLY_FACTOR - 1.0) * n_seen * rows / size))
+    gap = math.ceil(passes * rows / REFINE_BUDGET)
     return n_seen + max(int(batch_size), gap)
 
 
@@ -177,9 +189,9 @@ def refine(
     swap : bool
         Whether to try relocating centroids (``reassignment_ratio > 0``).
     restarts : int
-        Fresh k-means++ seedings of the sample to try after the swaps; one that ends with a
-        lower error replaces the centroids, matched to the old ones so that cluster ids move
-        as little as possible.
+        Most fresh k-means++ seedings of the sample to try after the swaps (beyond the first,
+        only as many as fit in ``RESTART_WORK``); one that ends with a lower error replaces
+        the centroids, matched to the old ones so that cluster ids move as little as possible.
     """
     # every pass costs m·k·d multiply-adds: at large sizes the pass count is capped so that
     # one refinement never stalls the stream for long (deterministic: no clocks involved)
@@ -204,7 +216,9 @@ def refine(
         swapped = True
     # "a few outliers": less than MIN_SHARE of an average cluster's weight
     floor = relocation.MIN_SHARE * float(w.sum()) / C.shape[0]
-    for _ in range(restarts if C.shape[0] >= 2 else 0):
+    pass_work = max(X.shape[0] * C.shape[0] * C.shape[1], 1)
+    restart_budget = max(1, int(RESTART_WORK // (pass_work * (LLOYD_PASSES + 1))))
+    for _ in range(min(restarts, restart_budget) if C.shape[0] >= 2 else 0):
         if passes + LLOYD_PASSES + 1 > budget:  # a restart needs a whole Lloyd run to compete
             break
         seeds = seed_on_sample(X, w, C.shape[0], rng)

@@ -19,11 +19,14 @@ Three rules, each where it is cheap and cannot cost quality:
   rows' extra error at their second nearest centroid) is offered the best of the k-means++
   candidates; the move is kept only if, after two Lloyd passes, the sample's total error is
   lower than without it (:func:`streamkm.model.refine.refine`). Empty centroids of the sample,
-  and those holding less than ``MIN_ROWS`` rows' weight, are moved the same way (a moved
-  centroid must take ``MIN_SHARE`` of an average cluster's weight). This is how a group that appears mid-stream, or that the
-  initialisation missed, gets a centroid although none is starved — and, measured on a sample
-  of tens of thousands of rows rather than one batch, it never trades a good configuration for a
-  worse one on continuous data.
+  and those holding less than a moved centroid must take (``MIN_ROWS`` rows' weight and
+  ``MIN_SHARE`` of an average cluster's), are moved whatever the error says, to candidates
+  drawn with clipped squared distances (``DRAW_CLIP``): drawn by plain squared distance, the
+  candidates near a few scattered far rows would all be those rows, which may not be taken.
+  This is how a group that appears mid-stream, or that the initialisation missed, gets a
+  centroid although none is starved — and, measured on a sample of tens of thousands of rows
+  rather than one batch, it never trades a good configuration for a worse one on continuous
+  data.
 """
 
 from __future__ import annotations
@@ -50,6 +53,9 @@ MIN_ROWS = 3.0
 #: On the sample, a moved centroid must also take this share of an average cluster's weight
 #: (a few scattered outliers never hold a centroid).
 MIN_SHARE = 0.005
+#: On the sample, a centroid that serves no group draws its candidates with squared
+#: distances clipped at this many times the sample's mean squared distance.
+DRAW_CLIP = 4.0
 #: A swap candidate must remove this many times the error the removal adds.
 SWAP_MARGIN = 1.0
 #: Steps between two swap attempts on the batch.
@@ -208,11 +214,11 @@ def swap_on_sample(
     n_live = int(live.sum())
     if n_live < 2 * MIN_ROWS:
         return None
-    few_rows = MIN_ROWS * float(w.sum()) / n_live
     min_captured = min_weight(w, k)
-    # a centroid holding fewer than MIN_ROWS rows' weight (a k-means++ seed that landed on a
-    # lone far row, say) serves no group: it is moved like an empty one
-    empty = np.flatnonzero(wsum < few_rows)
+    # a centroid holding less weight than a moved one must take (a k-means++ seed that landed
+    # on a lone far row, or Lloyd's mean of a few scattered outliers) serves no group: it is
+    # moved like an empty one
+    empty = np.flatnonzero(wsum < min_captured)
     extra = np.where(live, w * (d2_second - d2), 0.0)
     cost = np.bincount(labels, weights=extra, minlength=k)
     cost[empty] = np.inf
@@ -230,21 +236,47 @@ def swap_on_sample(
     gain = np.empty(idx.size)
     captured = np.empty(idx.size)
     cand, best, cum = (np.empty(m) for _ in range(3))
-    moved = kernel.relocate(
-        X,
-        w,
-        d2.copy(),
-        idx,
-        u,
-        np.array(min_gain),
-        min_captured,
-        C_new,
-        gain,
-        captured,
-        cand,
-        best,
-        cum,
-    )
+    d2_work = d2.copy()
+    e = empty.size
+    # a centroid that serves no group is re-homed among the dense rows: its candidates are
+    # drawn with squared distances clipped at a few times the mean error, or scattered far
+    # rows (which it may not take) would make up most of them
+    cap = DRAW_CLIP * float(np.dot(w, d2)) / float(w.sum()) if DRAW_CLIP else np.inf
+    gains = np.array(min_gain)
+    moved = 0
+    if e:
+        moved += kernel.relocate_clipped(
+            X,
+            w,
+            d2_work,
+            cap,
+            idx[:e],
+            u[:e],
+            gains[:e],
+            min_captured,
+            C_new,
+            gain[:e],
+            captured[:e],
+            cand,
+            best,
+            cum,
+        )
+    if e < idx.size:
+        moved += kernel.relocate(
+            X,
+            w,
+            d2_work,
+            idx[e:],
+            u[e:],
+            gains[e:],
+            min_captured,
+            C_new,
+            gain[e:],
+            captured[e:],
+            cand,
+            best,
+            cum,
+        )
     if not moved:
         return None
     # moving a centroid that served no group is kept whatever the error says (a centroid on

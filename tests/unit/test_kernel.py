@@ -398,6 +398,38 @@ def test_relocate_respects_min_gain_and_min_captured():
     assert moved == 1 and captured[0] >= 20.0
 
 
+def _relocate_clipped(X, w, d2, cap, targets, C, min_captured=0.0):
+    n, m = X.shape[0], len(targets)
+    u = np.random.default_rng(0).random((m, kernel.n_local_trials(C.shape[0])))
+    gain, captured = np.empty(m), np.empty(m)
+    args = (np.asarray(targets, dtype=np.int64), u, np.zeros(m), min_captured, C, gain, captured)
+    moved = kernel.relocate_clipped(X, w, d2, cap, *args, np.empty(n), np.empty(n), np.empty(n))
+    return moved, gain, captured
+
+
+def test_relocate_clipped_draws_dense_rows_past_a_few_far_ones():
+    # two far rows hold almost all the squared distance; a candidate must take 20 rows
+    rng = np.random.default_rng(1)
+    dense = rng.standard_normal((400, 2)) + np.array([6.0, 0.0])
+    X = np.concatenate([dense, [[900.0, 0.0], [0.0, 900.0]]])
+    C = np.array([[0.0, 0.0], [-500.0, -500.0]])
+    w = np.ones(X.shape[0])
+    d2 = ref_sq_dist(X, C[:1]).min(axis=1)
+    moved, _, _ = _relocate(X, w, d2.copy(), [1], C.copy(), min_captured=20.0)
+    assert moved == 0  # every candidate drawn by plain squared distance is a far row
+    C2 = C.copy()
+    cap = 4.0 * float(d2.mean())
+    moved, gain, captured = _relocate_clipped(X, w, d2.copy(), cap, [1], C2, min_captured=20.0)
+    assert moved == 1 and captured[0] >= 20.0 and gain[0] > 0
+    assert np.linalg.norm(C2[1] - [6.0, 0.0]) < 4.0
+    # without a cap it is relocate itself
+    C3, C4 = C.copy(), C.copy()
+    a = _relocate_clipped(X, w, d2.copy(), np.inf, [1], C3)
+    b = _relocate(X, w, d2.copy(), [1], C4)
+    np.testing.assert_array_equal(C3, C4)
+    assert a[0] == b[0] and a[1][0] == b[1][0]
+
+
 def test_relocate_stops_when_nothing_is_left_to_gain():
     X = np.zeros((10, 3))
     C = np.array([[0.0, 0, 0], [9.0, 9, 9]])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from streamkm import limits
-from streamkm.model import StateError, StreamingKMeans, refine, scoring
+from streamkm.model import StateError, StreamingKMeans, refine, relocation, scoring
 from streamkm.model.sample import Sample
 
 pytestmark = pytest.mark.unit
@@ -145,10 +145,33 @@ def test_schedule_keeps_refinement_within_its_budget(monkeypatch):
     assert refine.next_refine(100, 1, 10, 32768, 1024) == 1124  # never closer than a batch
     full = refine.next_refine(40_000, 3, 32768, 32768, 1024)
     assert full == 40_000 + math.ceil(3 * 32768 / refine.REFINE_BUDGET)
-    # geometric schedule while the sample holds the whole stream (the default)
+    # while the sample holds the whole stream (the default): gaps of n²/size rows
     monkeypatch.setattr(refine, "EARLY_FACTOR", 2.0)
-    assert refine.next_refine(4096, 3, 4096, 32768, 1024) == 8192
+    assert refine.next_refine(4096, 3, 4096, 32768, 1024) == 4096 + 512
+    assert refine.next_refine(16384, 3, 16384, 32768, 1024) == 16384 + 8192
+    assert refine.next_refine(100, 3, 100, 32768, 1024) == 101  # a short stream: every call
     assert refine.next_refine(40_000, 3, 32768, 32768, 1024) == full
+
+
+def test_filling_schedule_spends_a_bounded_share_per_doubling():
+    # rows refined on while a 32768-row sample fills, streamed in batches of 256: each
+    # doubling of the stream costs about ln 2 / (EARLY_FACTOR - 1) refinements of the full
+    # sample, and a short stream is refined on every batch
+    assert refine.EARLY_FACTOR is not None
+    size, n, due, refined = 32768, 0, 256, []
+    while n < size:
+        n += 256
+        if n >= due:
+            refined.append(n)
+            due = refine.next_refine(n, 1, n, size, 256)
+    share = math.log(2.0) / (refine.EARLY_FACTOR - 1.0)
+    per_doubling = [
+        sum(r for r in refined if lo < r <= 2 * lo) / size for lo in (2048, 4096, 8192, 16384)
+    ]
+    # (once gaps reach the stream's length, a doubling holds one or two refinements)
+    assert all(c < max(2.0 * share, 1.0) for c in per_doubling), per_doubling
+    assert sum(refined) / size < share * math.log2(size / 256) + 2.0
+    assert refined[:8] == [256 * i for i in range(1, 9)]  # a short stream: every batch
 
 
 def test_match_centroids_undoes_a_permutation_and_pairs_nearest_first():
@@ -189,6 +212,24 @@ def test_a_restart_replaces_a_poor_optimum_and_keeps_cluster_ids():
     # ids stay put where the clusters stay: the blob at (0, 30) keeps centroid 3
     assert np.abs(freed.centroids[3] - [0.0, 30.0]).max() < 0.5
     assert freed.wsum.sum() == pytest.approx(w.sum())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_centroid_on_a_few_scattered_far_rows_is_rehomed_among_dense_ones(seed):
+    # Lloyd keeps a centroid on the few far rows nearest it, and candidates drawn by squared
+    # distance would all be far rows, which a moved centroid may not take: the draws for a
+    # centroid that serves no group are clipped, so it moves into the dense clusters
+    rng = np.random.default_rng(seed)
+    centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    X = centres[rng.integers(0, 3, 12000)] + rng.normal(size=(12000, 2))
+    X[:20] = rng.uniform(-300, 300, size=(20, 2))
+    X = X.astype(np.float32)
+    w = np.ones(12000)
+    C = np.vstack([centres, X[:1]]).astype(np.float32)
+    out = refine.refine(X, w, C, np_assign, np.random.default_rng(0), swap=True, restarts=0)
+    assert out.swapped
+    assert np.abs(out.centroids).max() < 20.0
+    assert out.wsum.min() >= relocation.min_weight(w, 4)
 
 
 def test_one_refinement_never_spends_more_than_its_work_cap(monkeypatch):
