@@ -5,7 +5,7 @@ streaming average of the points assigned to it: over a batch,
 ``c_j ← (c_j·W_j + Σ w·x) / (W_j + Σ w)``. Next to the centroids it keeps a bounded weighted
 sample of the stream (:mod:`~streamkm.model.sample`) and, on a schedule that bounds the cost,
 refines the centroids with weighted Lloyd iterations on it, with swaps of the least useful
-centroid and (while the sample still holds the whole stream) a fresh k-means++ restart, each
+centroid and (while the sample still holds the whole stream) fresh k-means++ restarts, each
 kept only when it lowers the sample's error (:mod:`~streamkm.model.refine`,
 :mod:`~streamkm.model.relocation`). With ``half_life`` the weight of old samples decays, in
 the counts and in the sample, so that the model follows a drifting stream. Distances are summed
