@@ -830,51 +830,9 @@ def relocate(
     n_moved : int
         Number of centroids moved (those with ``gain > 0``).
     """
-    n, d = X.shape
-    m = targets.shape[0]
-    n_trials = u.shape[1]
-    n_moved = 0
-    for s in range(m):
-        gain[s] = 0.0
-        captured[s] = 0.0
-    for s in range(m):
-        acc = 0.0
-        for i in range(n):
-            acc += w[i] * d2[i]
-            cum[i] = acc
-        if not acc > 0.0:
-            break
-        best_gain = min_gain[s] if min_gain[s] > 0.0 else 0.0
-        best_idx = -1
-        best_cap = 0.0
-        for r in range(n_trials):
-            idx = _draw(cum, u[s, r] * acc)
-            _sq_dist_to_row(X, idx, cand)
-            g = 0.0
-            cap = 0.0
-            for i in range(n):
-                diff = d2[i] - cand[i]
-                if diff > 0.0:
-                    g += w[i] * diff
-                    cap += w[i]
-            if g > best_gain and cap >= min_captured:
-                best_gain = g
-                best_idx = idx
-                best_cap = cap
-                for i in range(n):
-                    best[i] = cand[i]
-        if best_idx < 0:
-            continue
-        j = targets[s]
-        for t in range(d):
-            C[j, t] = X[best_idx, t]
-        for i in range(n):
-            if best[i] < d2[i]:
-                d2[i] = best[i]
-        gain[s] = best_gain
-        captured[s] = best_cap
-        n_moved += 1
-    return n_moved
+    return relocate_clipped(
+        X, w, d2, np.inf, targets, u, min_gain, min_captured, C, gain, captured, cand, best, cum
+    )
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)

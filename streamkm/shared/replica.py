@@ -34,11 +34,11 @@ import numpy as np
 
 from streamkm import kernel
 from streamkm.errors import StateError
+from streamkm.model import scoring
 
 TopicPart = tuple[str, int]
 KIND = "shared-kmeans"
 _EWMA_ALPHA = 0.1
-SCORE_MAX = 1e300
 
 
 @dataclass(frozen=True)
@@ -205,9 +205,9 @@ class Replica:
         """Labels, squared distances and anomaly scores of ``X`` under this replica.
 
         Distances are computed in the frame centred on the centroids' weighted mean (float32
-        keeps its precision for data far from the origin). The score is the squared distance
-        over the cluster's mean squared distance (1 = typical; clusters without weight yet use
-        the model's overall mean).
+        keeps its precision for data far from the origin). The score is the single-instance
+        model's (:mod:`streamkm.model.scoring`), from the replica's centroids, counts and
+        squared-error sums: every instance at a log offset publishes the same scores.
         """
         X = np.ascontiguousarray(X)
         n = X.shape[0]
@@ -222,13 +222,11 @@ class Replica:
         d2 = np.empty(n, dtype=np.float64)
         k, d = Cc.shape
         work = np.empty(kernel.work_size(k, d), dtype=X.dtype)
-        no_scores = np.empty((0, k), dtype=np.float64)
-        kernel.assign(X, Cc, c_sq, no_scores, labels, d2, np.empty(0), work, shift=shift)
         overall = float(self.sse.sum()) / total if total > 0 else 0.0
-        mean_sq = np.where(w > 0, np.divide(self.sse, w, out=np.zeros(k), where=w > 0), overall)
-        scale = mean_sq[labels]
-        scores = np.divide(d2, scale, out=np.zeros(n), where=scale > 0)
-        np.clip(scores, 0.0, SCORE_MAX, out=scores)
+        coef = scoring.score_coef(w, scoring.inv_spread(w, self.sse, overall, C64), C64)
+        scores = np.empty(n, dtype=np.float64)
+        kernel.assign(X, Cc, c_sq, coef, labels, d2, scores, work, shift=shift)
+        np.clip(scores, 0.0, scoring.SCORE_MAX, out=scores)
         return labels, d2, scores
 
     def delta(

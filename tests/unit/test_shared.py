@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from streamkm.errors import StateError
+from streamkm.model import scoring
 from streamkm.shared import wire
 from streamkm.shared.replica import Delta, Replica, seed_centroids
 from streamkm.shared.sync import DeltaBuilder
@@ -69,6 +70,30 @@ def test_the_fold_is_the_streaming_average_of_the_rows() -> None:
         # The seed centroids carry no weight: each moves onto the mean of its rows.
         np.testing.assert_allclose(r.centroids[j], rows.mean(axis=0), rtol=1e-12)
         assert r.counts_[j] == len(rows)
+
+
+def test_scores_follow_the_single_instance_formula_rare_groups_included() -> None:
+    """The replica publishes min_j (a_j·‖x − c_j‖² + b_j) from its own statistics, so a rare
+    group is flagged in shared-model mode as it is by one instance."""
+    r = replica()
+    rng = np.random.default_rng(3)
+    centres = r.centroids.copy()
+    sizes = [400, 400, 400, 12]  # the last group holds 1% of the rows
+    X = np.concatenate([centres[j] + rng.normal(size=(n, D)) for j, n in enumerate(sizes)]).astype(
+        np.float32
+    )
+    labels, d2, _ = r.assign(X)
+    assert r.apply(r.delta("a", "in", 0, 0, len(X), X, labels, d2))
+    labels, d2, scores = r.assign(X)
+
+    w, sse = r.counts_, r.sse
+    overall = float(sse.sum()) / float(w.sum())
+    coef = scoring.score_coef(w, scoring.inv_spread(w, sse, overall, r.centroids), r.centroids)
+    diff = X.astype(np.float64)[:, None, :] - r.centroids[None, :, :]
+    expected = (coef[0] * (diff**2).sum(axis=2) + coef[1]).min(axis=1)
+    np.testing.assert_allclose(scores, expected, rtol=1e-4)
+    rare = np.arange(len(X)) >= sum(sizes[:3])
+    assert np.median(scores[rare]) > np.quantile(scores[~rare], 0.9)
 
 
 def test_a_range_is_absorbed_once_whoever_sends_it_again() -> None:
