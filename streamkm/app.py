@@ -182,8 +182,10 @@ class App:
                 self.settings.metrics.host, self.settings.metrics.port, self._live, self._ready
             )
             try:
+                # Before joining the group: a refused topic then leaves no member behind, and
+                # closing a consumer in the middle of its first join can take a session timeout.
+                self.topics.prepare()
                 with self.connected():
-                    self.topics.prepare()
                     while not self.stop_event.is_set():
                         self.turn()
                     self._check()
