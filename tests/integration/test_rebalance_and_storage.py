@@ -105,7 +105,10 @@ def test_corrupt_newest_checkpoint_falls_back_and_counts_stay_exact(
     src, out = make_topic(), make_topic()
     X, _ = blobs(3000, seed=12)
     produce_values(kafka_bootstrap, src, raw(X[:1500]))
-    with Daemon(tmp_path / "d", kafka_bootstrap, src, out, checkpoint={"interval_s": 0.3}) as d:
+    # A checkpoint after every batch: at least two files whatever the machine's speed (the
+    # model may learn all 1500 rows within one interval).
+    ckpt = {"interval_s": 0.3, "every_batches": 1}
+    with Daemon(tmp_path / "d", kafka_bootstrap, src, out, checkpoint=ckpt) as d:
         d.start()
         d.wait_metric("streamkm_samples_seen", 1500)
         assert d.stop() == 0
