@@ -23,7 +23,6 @@ from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from streamkm.app import App
-from streamkm.checkpoint import CheckpointStore, PreparedCheckpoint
 from streamkm.clients import Clients
 from streamkm.codec import REASONS
 from streamkm.config import Settings
@@ -31,6 +30,7 @@ from streamkm.errors import CheckpointError, FencedError
 from streamkm.learner import learner_from_settings
 from streamkm.sink import DeliveryReports, Sink, Transactions
 from streamkm.source import Source
+from tests.unit.gated_store import GatedStore
 
 pytestmark = pytest.mark.unit
 
@@ -673,21 +673,6 @@ def test_shared_mode_seeds_from_the_log_and_rewinds_a_refused_delta(tmp_path: Pa
         assert app.offsets.positions[("in", 0)] == 10
         sample = app.metrics.registry.get_sample_value
         assert sample("streamkm_sync_records_rejected_total") == 1
-
-
-class GatedStore(CheckpointStore):
-    """A slow disk: writes wait until ``gate`` is set; or they fail."""
-
-    def __init__(self, dir: Path, fail: bool = False) -> None:
-        super().__init__(dir, keep=3)
-        self.gate = threading.Event()
-        self.fail = fail
-
-    def commit(self, prepared: PreparedCheckpoint) -> Path:
-        assert self.gate.wait(30), "the test never opened the gate"
-        if self.fail:
-            raise CheckpointError("cannot write checkpoint: No space left on device")
-        return super().commit(prepared)
 
 
 def test_the_loop_goes_on_while_a_checkpoint_is_written_and_commits_its_offsets_after(

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from streamkm.checkpoint import CheckpointStore, PreparedCheckpoint
+from streamkm.checkpoint import CheckpointStore
 from streamkm.checkpointer import Checkpointer
 from streamkm.errors import CheckpointError
 from streamkm.model import StreamingKMeans
+from tests.unit.gated_store import GatedStore
 
 pytestmark = pytest.mark.unit
 
@@ -60,21 +60,6 @@ def test_move_aside_takes_checkpoints_and_named_files(tmp_path: Path) -> None:
     assert aside is not None and store.paths() == [] and not origins.exists()
     assert (aside / "origins.json").exists()
     assert cp.move_aside(also=[origins]) is None  # nothing left to move
-
-
-class GatedStore(CheckpointStore):
-    """A store whose writes wait until ``gate`` is set (a slow disk), or fail on cue."""
-
-    def __init__(self, dir: Path, fail: bool = False) -> None:
-        super().__init__(dir, keep=3)
-        self.gate = threading.Event()
-        self.fail = fail
-
-    def commit(self, prepared: PreparedCheckpoint) -> Path:
-        assert self.gate.wait(30), "the test never opened the gate"
-        if self.fail:
-            raise CheckpointError("cannot write checkpoint: No space left on device")
-        return super().commit(prepared)
 
 
 def fitted(seed: int = 0) -> StreamingKMeans:
