@@ -376,7 +376,7 @@ def work_size(n_clusters: int, n_features: int = 0) -> int:
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def update_centroids(
-    X, w, labels, d2, inv_scale, clip, C, counts, sse, recent, sums, wsum
+    X, w, labels, d2, inv_scale, clip, C, counts, sse, sse2, recent, sums, wsum
 ):  # pragma: no cover - compiled
     """Weighted streaming-average update of the centroids with one batch.
 
@@ -405,6 +405,8 @@ def update_centroids(
         INOUT. Weight sums (already decayed by the caller when forgetting).
     sse : ndarray of shape (k,), float64
         INOUT. Weighted sums of (clipped) squared distances of the rows each centroid took.
+    sse2 : ndarray of shape (k,), float64
+        INOUT. Weighted sums of their squares (the squared distances' dispersion).
     recent : ndarray of shape (k,), float64
         INOUT. Recent weight per centroid (already decayed); the batch's weight is added.
     sums : ndarray of shape (k, d), float64
@@ -433,6 +435,7 @@ def update_centroids(
         if e * inv_scale[j] > clip:  # (a multiplication: no division on every row)
             e = clip / inv_scale[j]
         sse[j] += wi * e
+        sse2[j] += wi * e * e
         for t in range(d):
             sums[j, t] += wi * X[i, t]
     shift = 0.0
@@ -583,6 +586,7 @@ def learn_batch(
     C,
     counts,
     sse,
+    sse2,
     recent,
     sums,
     wsum,
@@ -592,11 +596,12 @@ def learn_batch(
 
     Parameters
     ----------
-    X, w, labels, d2, inv_scale, clip, C, counts, sse, recent, sums, wsum
-        As in :func:`update_centroids`; ``counts``, ``sse`` and ``recent`` are decayed here
-        rather than by the caller.
+    X, w, labels, d2, inv_scale, clip, C, counts, sse, sse2, recent, sums, wsum
+        As in :func:`update_centroids`; ``counts``, ``sse``, ``sse2`` and ``recent`` are
+        decayed here rather than by the caller.
     decay : float
-        IN. Factor applied to ``counts`` and ``sse`` before the batch (1 without forgetting).
+        IN. Factor applied to ``counts``, ``sse`` and ``sse2`` before the batch (1 without
+        forgetting).
     recent_keep : float
         IN. Factor applied to ``recent`` before the batch.
     totals : ndarray of shape (2,), float64
@@ -611,6 +616,7 @@ def learn_batch(
     for j in range(k):
         counts[j] *= decay
         sse[j] *= decay
+        sse2[j] *= decay
         recent[j] *= recent_keep
     total_w = 0.0
     total_e = 0.0
@@ -619,7 +625,9 @@ def learn_batch(
         total_e += w[i] * d2[i]
     totals[0] = total_w
     totals[1] = total_e
-    return update_centroids(X, w, labels, d2, inv_scale, clip, C, counts, sse, recent, sums, wsum)
+    return update_centroids(
+        X, w, labels, d2, inv_scale, clip, C, counts, sse, sse2, recent, sums, wsum
+    )
 
 
 @njit(cache=True, nogil=True, fastmath=_FASTMATH)

@@ -226,6 +226,7 @@ def _build(settings: Settings, version: int, n_seen: int, C: np.ndarray, counts:
         centroids=C.astype(dtype),
         counts=counts.copy(),
         sse=np.zeros(k),
+        sse2=np.zeros(k),
         recent=np.zeros(k),
         shift=centre.astype(dtype),
         sample_rows=np.empty((0, d), dtype=dtype),
@@ -273,9 +274,15 @@ def calibrated(model: Any, X: np.ndarray) -> Any:
     meta, arrays = model.to_state()
     k = D.shape[1]
     n = np.bincount(labels, minlength=k).astype(np.float64)
-    sums = np.bincount(labels, weights=np.minimum(d2, CLIP * overall), minlength=k)
+    clipped = np.minimum(d2, CLIP * overall)
+    sums = np.bincount(labels, weights=clipped, minlength=k)
+    squares = np.bincount(labels, weights=clipped * clipped, minlength=k)
     per = np.where(n > 0, sums / np.maximum(n, 1.0), overall)
-    arrays["sse"] = np.asarray(arrays["counts"], dtype=np.float64) * per
+    counts = np.asarray(arrays["counts"], dtype=np.float64)
+    arrays["sse"] = counts * per
+    # second moments too (the score's dispersion); a cluster without rows: a Gaussian's
+    per2 = np.where(n > 0, squares / np.maximum(n, 1.0), per * per * (1.0 + 2.0 / X.shape[1]))
+    arrays["sse2"] = counts * per2
     meta["scale0"] = overall
     return type(model).from_state(meta, arrays)
 

@@ -69,7 +69,7 @@ _EMPTY = np.empty(0, dtype=np.float64)
 _NO_SCORES = np.empty((0, 0), dtype=np.float64)
 _NO_SHIFT = {np.dtype(t): np.empty(0, dtype=t) for t in (np.float32, np.float64)}
 # attributes a step changes, restored by StreamingKMeans.restore
-_ARRAYS = ("cluster_centers_", "counts_", "_sse", "_recent", "_shift")
+_ARRAYS = ("cluster_centers_", "counts_", "_sse", "_sse2", "_recent", "_shift")
 _SCALARS = (
     "n_samples_seen_",
     "n_steps_",
@@ -295,6 +295,7 @@ class StreamingKMeans(EstimatorShims):
         self.cluster_centers_ = np.ascontiguousarray(C, dtype=dtype)
         self.counts_ = np.zeros(k, dtype=np.float64)
         self._sse = np.zeros(k, dtype=np.float64)
+        self._sse2 = np.zeros(k, dtype=np.float64)
         self._recent = np.zeros(k, dtype=np.float64)
         if scale0 is None:
             d2 = self._assign(X_init, want_scores=False)[1]
@@ -330,6 +331,12 @@ class StreamingKMeans(EstimatorShims):
         """``1 / s_j``: inverse of each cluster's spread (see :mod:`~streamkm.model.scoring`)."""
         return scoring.inv_spread(self.counts_, self._sse, self._scale0, self.cluster_centers_)
 
+    def _score_coef(self, inv: np.ndarray) -> np.ndarray:
+        """The anomaly score's coefficients (see :mod:`~streamkm.model.scoring`)."""
+        C = self.cluster_centers_
+        sigma = scoring.deviation(self.counts_, self._sse, self._sse2, C.shape[1])
+        return scoring.score_coef(self.counts_, inv, C, sigma)
+
     def _assign(
         self,
         X: np.ndarray,
@@ -351,7 +358,7 @@ class StreamingKMeans(EstimatorShims):
         else:
             labels, d2, scores = out
         if want_scores and score_coef is None:
-            score_coef = scoring.score_coef(self.counts_, self._inv_scale(), C)
+            score_coef = self._score_coef(self._inv_scale())
         coef = score_coef if want_scores and score_coef is not None else _NO_SCORES
         if d * k < kernel.GEMM_MIN_DK:
             # sums of squared differences: exact wherever the data lie, no centring needed
@@ -404,10 +411,11 @@ class StreamingKMeans(EstimatorShims):
         sums = self._workspace("sums", (k, d), np.float64)
         wsum = self._workspace("wsum", (k,), np.float64)
         totals = self._workspace("totals", (2,), np.float64)
-        C, counts, sse, recent = self.cluster_centers_, self.counts_, self._sse, self._recent
+        C, counts, sse, sse2 = self.cluster_centers_, self.counts_, self._sse, self._sse2
+        recent = self._recent
         shift = kernel.learn_batch(
             X, w, labels, d2, inv, scoring.CLIP, decay, 1.0 - per_batch,
-            C, counts, sse, recent, sums, wsum, totals,
+            C, counts, sse, sse2, recent, sums, wsum, totals,
         )  # fmt: skip
         total_w = float(totals[0])
         inertia = float(totals[1]) / total_w if total_w > 0 else 0.0
@@ -417,8 +425,9 @@ class StreamingKMeans(EstimatorShims):
         ratio = float(self.reassignment_ratio)
         rng = self._rng
         moved = relocation.relocate_on_batch(
-            X, w, labels, d2, d2_second, C, counts, sse, recent, ratio, rng, spread, per_batch
-        )
+            X, w, labels, d2, d2_second, C, counts, sse, sse2, recent, ratio, rng, spread,
+            per_batch,
+        )  # fmt: skip
         shift += moved / k
         u = self._workspace("u", (n,), np.float64)
         rng.random(out=u)
@@ -456,8 +465,11 @@ class StreamingKMeans(EstimatorShims):
         mean_sq = np.divide(out.wsse, out.wsum, out=np.zeros(k), where=out.wsum > 0)
         clipped = np.minimum(out.d2, scoring.CLIP * mean_sq[out.labels])
         wsse = np.bincount(out.labels, weights=w * clipped, minlength=k)
+        wsse2 = np.bincount(out.labels, weights=w * clipped * clipped, minlength=k)
         self.counts_ = float(self.counts_.sum()) * share
-        self._sse = np.divide(wsse * self.counts_, out.wsum, out=np.zeros(k), where=out.wsum > 0)
+        hit = out.wsum > 0
+        self._sse = np.divide(wsse * self.counts_, out.wsum, out=np.zeros(k), where=hit)
+        self._sse2 = np.divide(wsse2 * self.counts_, out.wsum, out=np.zeros(k), where=hit)
         self._recent = float(self._recent.sum()) * share
         mean = (out.wsum @ out.centroids.astype(np.float64)) / total_w
         self._shift = mean.astype(self._shift.dtype)
@@ -505,7 +517,7 @@ class StreamingKMeans(EstimatorShims):
         inv = self._inv_scale()
         second = self._workspace("d2_second", (n,), np.float64) if self._swap_due(n) else None
         if want_result:
-            coef = scoring.score_coef(self.counts_, inv, self.cluster_centers_)
+            coef = self._score_coef(inv)
             labels, d2, scores = self._assign(
                 Xv, True, score_coef=coef, scratch=True, d2_second=second
             )
@@ -689,14 +701,16 @@ class StreamingKMeans(EstimatorShims):
     def anomaly_score(self, X: Any) -> np.ndarray:
         """How anomalous each row is under the current model; higher is more anomalous.
 
-        The score is ``min_j (a_j·‖x − c_j‖² + b_j)``, clipped to ``[0, 1e9]``: the squared
-        distance in units of the cluster's mean squared distance ``s_j`` (plus a tenth of it
-        in units of the mean spread), plus a rarity term ``b_j`` between 0 and 2 that grows as
-        the weight of the centroids around ``c_j`` falls below its typical value. An ordinary
-        member of a common group scores about 1, a member of a group with half the typical
-        mass about 2, of an isolated tiny cluster up to 3; far points score their squared
-        distance in spreads. See :mod:`streamkm.model.scoring`. This is the number
-        :meth:`step` returns as ``scores``.
+        The score is ``min_j ((a_j·‖x − c_j‖² − 1)/σ_j + b_j)``, clipped to ``[0, 1e9]``: the
+        squared distance in units of the cluster's mean squared distance ``s_j`` (plus a tenth
+        of it in units of the mean spread), as a z-score in the standard deviation ``σ_j`` of
+        that ratio over the cluster's rows, plus a rarity term ``b_j`` between 0 and
+        ``scoring.RARITY`` (RARITY_VALUE) that grows as the weight of the centroids around
+        ``c_j`` falls below its typical value. A row at its common cluster's mean squared
+        distance scores about 0 (closer rows are clipped to 0), a member of a group with half
+        the typical mass about RARITY_HALF, of an isolated tiny cluster up to RARITY_VALUE;
+        far points score how many standard deviations out they lie. See
+        :mod:`streamkm.model.scoring`. This is the number :meth:`step` returns as ``scores``.
 
         Parameters
         ----------
@@ -720,7 +734,7 @@ class StreamingKMeans(EstimatorShims):
         self._check_fitted()
         k, d = self.cluster_centers_.shape
         item = self.cluster_centers_.dtype.itemsize
-        return k * d * item + 3 * k * 8 + d * item + self._sample.nbytes()
+        return k * d * item + 4 * k * 8 + d * item + self._sample.nbytes()
 
     # ------------------------------------------------------------------ persistence
 

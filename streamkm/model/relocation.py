@@ -36,6 +36,7 @@ import logging
 import numpy as np
 
 from streamkm import kernel
+from streamkm.model import scoring
 
 __all__ = [
     "MIN_ROWS",
@@ -79,6 +80,7 @@ def relocate_on_batch(
     C: np.ndarray,
     counts: np.ndarray,
     sse: np.ndarray,
+    sse2: np.ndarray,
     recent: np.ndarray,
     ratio: float,
     rng: np.random.Generator,
@@ -92,7 +94,7 @@ def relocate_on_batch(
     X, w, labels, d2 : the batch, its weights, labels and squared distances to the model
     d2_second : ndarray of shape (n,) or None
         Squared distance to the second nearest centroid on swap steps; None otherwise.
-    C, counts, sse, recent : INOUT. Centroids and their per-centroid statistics.
+    C, counts, sse, sse2, recent : INOUT. Centroids and their per-centroid statistics.
     ratio : float
         ``reassignment_ratio``.
     rng : numpy Generator
@@ -156,6 +158,7 @@ def relocate_on_batch(
     total = float(counts.sum())
     counts[moved_idx] = captured[hit]
     sse[moved_idx] = captured[hit] * spread
+    sse2[moved_idx] = scoring.gaussian_sse2(captured[hit], sse[moved_idx], C.shape[1])
     rest = np.ones(k, dtype=bool)
     rest[moved_idx] = False
     held = float(counts[rest].sum())
@@ -163,6 +166,7 @@ def relocate_on_batch(
         factor = max(total - float(captured[hit].sum()), 0.0) / held
         counts[rest] *= factor
         sse[rest] *= factor
+        sse2[rest] *= factor
     recent[moved_idx] = captured[hit] / per_batch
     logger.debug("moved centroid(s) %s", moved_idx.tolist())
     diff = C[moved_idx].astype(np.float64) - old[hit]

@@ -1,6 +1,7 @@
-"""The anomaly score: distance in units of the cluster's spread, plus how empty its neighbourhood is.
+"""The anomaly score: how far out of its cluster a row lies, plus how empty its neighbourhood is.
 
-For a row x the score is ``min_j (a_j·‖x − c_j‖² + b_j)``, clipped to ``[0, SCORE_MAX]``:
+For a row x the score is ``min_j ((a_j·‖x − c_j‖² − 1)/σ_j + b_j)``, clipped to
+``[0, SCORE_MAX]``:
 
 * ``a_j = 1/s_j + GLOBAL/ḡ``: the squared distance in units of the cluster's spread ``s_j``, its
   rows' mean squared distance to the centroid (outliers clipped, shrunk towards the global mean
@@ -8,11 +9,19 @@ For a row x the score is ``min_j (a_j·‖x − c_j‖² + b_j)``, clipped to ``
   to the float resolution of the centroids, so that a cluster of identical vectors does not
   divide by zero), plus a small share of it in units of the mean spread ``ḡ = Σ_j π_j·s_j``,
   so that a row far out of a wide cluster is not excused entirely by that cluster's width;
-* ``b_j = RARITY · (1 − M_j/M̄)₊``: how much of the usual neighbourhood mass the centroid lacks.
-  ``M_j = Σ_i π_i·exp(−‖c_i − c_j‖² / (2·BANDWIDTH·min(s_i, s_j)))`` is the weight share ``π``
-  of the centroids around c_j, each counted in full when it sits on c_j and less the further it
-  is in units of the narrower of the two spreads; ``M̄`` is its typical value, the geometric mean
-  of ``M_j`` weighted by ``π_j`` (what a row drawn from the stream sees).
+* ``σ_j``: the standard deviation of ``‖x − c_j‖²/s_j`` over the cluster's rows, from the sums of
+  their (clipped) squared distances and of the squares of those (``sse``, ``sse2``), shrunk
+  towards the clusters' pooled value. The distance term is thus a z-score: how many of the
+  cluster's own standard deviations a row lies beyond its mean squared distance. Rows of a
+  tight, Gaussian-like cluster in many dimensions all sit near its mean distance (σ small), so a
+  row a little further out already stands out; the rows of a heavy-tailed cluster (real data,
+  often) spread widely (σ large), and their far members are not mistaken for anomalies;
+* ``b_j = RARITY · (1 − M_j/M̄)₊``: how much of the usual neighbourhood mass the centroid lacks,
+  in the same units. ``M_j = Σ_i π_i·exp(−‖c_i − c_j‖² / (2·BANDWIDTH·min(s_i, s_j)))`` is the
+  weight share ``π`` of the centroids around c_j, each counted in full when it sits on c_j and
+  less the further it is in units of the narrower of the two spreads; ``M̄`` is its typical
+  value, the geometric mean of ``M_j`` weighted by ``π_j`` (what a row drawn from the stream
+  sees).
 
 Following the cluster-based local outlier factor (CBLOF, He et al. 2003), a row that only a rare
 group of centroids explains is an outlier: a class that makes up a few percent of the stream, or
@@ -21,14 +30,14 @@ measured on neighbourhoods rather than on single centroids so that it does not f
 with more centroids than groups in the data, a common group is split over several adjacent
 centroids that keep its mass between them, while a rare group keeps a small one. The penalty is
 bounded by ``RARITY``: a member of a rare group ranks above the members of common ones, but not
-above rows several spreads out of a common cluster.
+above rows several standard deviations out of a common cluster.
 
-A member of a common group scores about 1 (its squared distance is about the cluster's mean
-squared distance; ``1 + GLOBAL·s_j/ḡ`` with the second term); a member of a group holding half
-the typical neighbourhood mass about ``1 + RARITY/2``; a member of an isolated, tiny cluster up
-to ``1 + RARITY``; rows far from every centroid score their squared distance in spreads. The
-coefficients cost ``O(k²·d)`` once per scored batch (the centroids' pairwise distances), not per
-row.
+A typical member of a common group scores about 0 (rows nearer than their cluster's mean
+squared distance are clipped to 0); a member of a group holding half the typical
+neighbourhood mass about ``RARITY/2``; a member of an isolated, tiny cluster up to ``RARITY``;
+rows far from every centroid score how many standard deviations their squared distance lies
+beyond the nearest cluster's mean. The coefficients cost ``O(k²·d)`` once per scored batch (the
+centroids' pairwise distances), not per row.
 """
 
 from __future__ import annotations
@@ -40,9 +49,12 @@ __all__ = [
     "CLIP",
     "RARITY",
     "SCORE_MAX",
+    "deviation",
+    "gaussian_sse2",
     "inv_spread",
     "neighbourhood_mass",
     "pair_sq_dists",
+    "rarity_coef",
     "score_coef",
 ]
 
@@ -52,8 +64,14 @@ __all__ = [
 CLIP = 9.0
 #: Pseudo-weight of the global mean squared distance in each cluster's spread estimate.
 PRIOR_WEIGHT = 1.0
-#: Largest rarity term ``b_j`` (a centroid with nothing around it), in units of squared spreads.
-RARITY = 2.0
+#: Largest rarity term ``b_j`` (a centroid with nothing around it), in standard deviations of the
+#: cluster's squared distances.
+RARITY = 4.0
+#: Pseudo-rows of the pooled dispersion in each cluster's ``σ_j`` (and of a Gaussian's in the
+#: pooled one), so that a cluster that has seen few rows borrows the others' shape.
+DISPERSION_PRIOR = 10.0
+#: ``σ_j²`` is never taken below this (a cluster of identical vectors has no dispersion).
+VARIANCE_FLOOR = 1e-4
 #: Width of the neighbourhood kernel, in units of the narrower spread of the two centroids: two
 #: halves of one Gaussian cluster count each other almost fully, separate groups hardly at all.
 BANDWIDTH = 0.5
@@ -153,8 +171,62 @@ def neighbourhood_mass(centroids: np.ndarray, pi: np.ndarray, spread: np.ndarray
     return d2 @ pi
 
 
-def score_coef(counts: np.ndarray, inv_scale: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """Coefficients ``(a_j, b_j)`` of the score ``min_j a_j·‖x − c_j‖² + b_j``.
+def deviation(counts: np.ndarray, sse: np.ndarray, sse2: np.ndarray, d: int) -> np.ndarray:
+    """``σ_j``: standard deviation of the rows' squared distances over their mean, per cluster.
+
+    With ``u`` a row's (clipped) squared distance, a cluster's ``E[u²]/E[u]²`` is
+    ``sse2·counts/sse²``; it is shrunk towards the weighted pool of all clusters (itself shrunk
+    towards a Gaussian's ``1 + 2/d``) with :data:`DISPERSION_PRIOR` pseudo-rows, and
+    ``σ_j = √(ratio − 1)`` (at least ``√VARIANCE_FLOOR``).
+
+    Parameters
+    ----------
+    counts, sse, sse2 : ndarray of shape (k,), float64
+        Weight, sum of clipped squared distances and sum of their squares per cluster.
+    d : int
+        Number of features (for the Gaussian prior).
+
+    Returns
+    -------
+    ndarray of shape (k,), float64
+    """
+    seen = sse > 0
+    rows = np.where(seen, counts, 0.0)
+    # Σ (u / mean u)² per cluster: sse2 / (sse / counts)²
+    moment = np.zeros_like(counts)
+    np.divide(sse2 * counts * counts, sse * sse, out=moment, where=seen)
+    gaussian = 1.0 + 2.0 / max(d, 1)
+    pooled = (float(moment.sum()) + DISPERSION_PRIOR * gaussian) / (
+        float(rows.sum()) + DISPERSION_PRIOR
+    )
+    ratio = (moment + DISPERSION_PRIOR * pooled) / (rows + DISPERSION_PRIOR)
+    return np.sqrt(np.maximum(ratio - 1.0, VARIANCE_FLOOR))
+
+
+def gaussian_sse2(counts: np.ndarray, sse: np.ndarray, d: int) -> np.ndarray:
+    """``sse2`` of clusters whose squared distances spread as a Gaussian's in ``d`` dimensions.
+
+    For a model restored without the second moments (older states, the model topic's records):
+    ``Σu² = counts·(sse/counts)²·(1 + 2/d)``.
+
+    Parameters
+    ----------
+    counts, sse : array-like of shape (k,)
+    d : int
+
+    Returns
+    -------
+    ndarray of shape (k,), float64
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    sse = np.asarray(sse, dtype=np.float64)
+    out = np.zeros_like(sse)
+    np.divide(sse * sse, counts, out=out, where=counts > 0)
+    return out * (1.0 + 2.0 / max(d, 1))
+
+
+def rarity_coef(counts: np.ndarray, inv_scale: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """The distance scale ``a_j`` and the rarity term ``b_j`` of every centroid.
 
     Parameters
     ----------
@@ -168,6 +240,7 @@ def score_coef(counts: np.ndarray, inv_scale: np.ndarray, centroids: np.ndarray)
     Returns
     -------
     ndarray of shape (2, k), float64
+        ``(a_j, b_j)``.
     """
     pi = _shares(counts)
     spread = 1.0 / inv_scale
@@ -176,3 +249,23 @@ def score_coef(counts: np.ndarray, inv_scale: np.ndarray, centroids: np.ndarray)
     bias = RARITY * np.maximum(1.0 - mass / typical, 0.0)
     scale = inv_scale + GLOBAL / float(pi @ spread)
     return np.stack([scale, bias])
+
+
+def score_coef(
+    counts: np.ndarray, inv_scale: np.ndarray, centroids: np.ndarray, sigma: np.ndarray
+) -> np.ndarray:
+    """Coefficients of the score as ``min_j A_j·‖x − c_j‖² + B_j``: ``(a_j/σ_j, b_j − 1/σ_j)``.
+
+    Parameters
+    ----------
+    counts, inv_scale, centroids
+        As in :func:`rarity_coef`.
+    sigma : ndarray of shape (k,), float64
+        ``σ_j`` from :func:`deviation`.
+
+    Returns
+    -------
+    ndarray of shape (2, k), float64
+    """
+    a, b = rarity_coef(counts, inv_scale, centroids)
+    return np.stack([a / sigma, b - 1.0 / sigma])

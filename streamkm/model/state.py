@@ -5,7 +5,8 @@ Each array of the state is listed once, in :data:`ARRAYS`, with its attribute, s
 model needs to continue exactly as if it had never stopped: centroids and their statistics,
 the centring shift, the sample with its priorities and free slots, the refinement schedule and
 the generator state. Version 1 states (before the sample) still load: the model continues with
-an empty sample.
+an empty sample; states before version 3 lack ``sse2`` (the squared distances' second moments
+behind the anomaly score's dispersion) and get the values of Gaussian clusters of their spreads.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from streamkm.errors import StateError
+from streamkm.model import scoring
 from streamkm.model._validation import resolve_dtype
 
 if TYPE_CHECKING:
@@ -24,7 +26,7 @@ if TYPE_CHECKING:
 __all__ = ["ARRAYS", "STATE_VERSION", "from_state", "to_state"]
 
 #: Version of the layout written by :func:`to_state`.
-STATE_VERSION = 2
+STATE_VERSION = 3
 
 # name in the state -> (attribute of the model, shape from (k, d, used, n_free), dtype or
 # None for the model's dtype, whether -inf is allowed)
@@ -32,6 +34,7 @@ ARRAYS: dict[str, tuple[str, str, str | None, bool]] = {
     "centroids": ("cluster_centers_", "k,d", None, False),
     "counts": ("counts_", "k", "float64", False),
     "sse": ("_sse", "k", "float64", False),
+    "sse2": ("_sse2", "k", "float64", False),
     "recent": ("_recent", "k", "float64", False),
     "shift": ("_shift", "d", None, False),
     "sample_rows": ("", "used,d", None, False),
@@ -135,7 +138,7 @@ def from_state(
         if meta.get("class") != cls.__name__:
             raise StateError(f"state is for {meta.get('class')!r}, not {cls.__name__}")
         version = meta.get("state_version")
-        if version not in (1, STATE_VERSION):
+        if version not in (1, 2, STATE_VERSION):
             raise StateError(
                 f"state version {version!r} is not supported (expected {STATE_VERSION})"
             )
@@ -164,6 +167,8 @@ def from_state(
             }
         else:
             sample_meta = dict(meta["sample"])
+        if "sse2" not in arrays:  # written before version 3
+            arrays = {**arrays, "sse2": scoring.gaussian_sse2(arrays["counts"], arrays["sse"], d)}
         sizes = {
             "k": k,
             "d": d,

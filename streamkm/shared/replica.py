@@ -6,7 +6,9 @@ whose order could differ, no fastmath), so two replicas that applied the same re
 bit-for-bit the same model.
 
 A delta covers one input partition's offsets ``[first, after)`` and carries, per centroid it
-touches, the weighted sum of its rows, their weight and their squared distances. The fold
+touches, the weighted sum of its rows, their weight, their squared distances and the squares of
+those (each clipped at ``scoring.CLIP`` times the cluster's spread: the anomaly score's
+dispersion, which a few far rows must not inflate). The fold
 applies a delta only when it continues the partition where the log left it
 (``first == absorbed[partition]``, or the partition is new to the log); any other delta is
 *rejected*, whoever sent it, so every input offset is absorbed at most once whatever
@@ -66,6 +68,10 @@ class Delta:
     epoch : int
         The sender's rewind count for the partition (a rejected delta of an older epoch asks
         for no new rewind).
+    sse2 : ndarray of float64, shape (m,), or None
+        Sums of the squares of their squared distances, each clipped at ``scoring.CLIP``
+        spreads; None in records written before they travelled (the fold then takes a
+        Gaussian cluster's, :func:`streamkm.model.scoring.gaussian_sse2`).
     """
 
     instance: str
@@ -79,6 +85,7 @@ class Delta:
     weights: np.ndarray
     sse: np.ndarray
     epoch: int = 0
+    sse2: np.ndarray | None = None
 
 
 @dataclass
@@ -93,6 +100,8 @@ class Replica:
         Weight behind each centroid (decayed with ``half_life``).
     sse : ndarray of float64, shape (k,)
         Weighted squared distances behind each centroid (decayed alike).
+    sse2 : ndarray of float64, shape (k,)
+        Sums of their (clipped) squares (decayed alike).
     absorbed : dict of (topic, partition) to int
         Next input offset the log expects of each partition.
     sync_offset : int
@@ -108,6 +117,7 @@ class Replica:
     centroids: np.ndarray
     counts_: np.ndarray
     sse: np.ndarray
+    sse2: np.ndarray
     absorbed: dict[TopicPart, int] = field(default_factory=dict)
     sync_offset: int = 0
     n_steps_: int = 0
@@ -125,7 +135,7 @@ class Replica:
         if C.ndim != 2 or not np.isfinite(C).all():
             raise StateError("init centroids must be a finite 2-D array")
         k = C.shape[0]
-        return cls(C, np.zeros(k), np.zeros(k), n_steps_=1, half_life=half_life)
+        return cls(C, np.zeros(k), np.zeros(k), np.zeros(k), n_steps_=1, half_life=half_life)
 
     # -- the attributes the daemon reads (metrics, checkpoint, model topic) ------------------
 
@@ -158,6 +168,7 @@ class Replica:
             f = 0.5 ** (delta.n / self.half_life)
             self.counts_ *= f
             self.sse *= f
+            self.sse2 *= f
         idx = delta.index
         if idx.size:
             before = self.centroids[idx].copy()
@@ -170,6 +181,11 @@ class Replica:
             ) / new[moved, None]
             self.counts_[idx] = new
             self.sse[idx] += delta.sse
+            if delta.sse2 is not None:
+                self.sse2[idx] += delta.sse2
+            else:  # a record written before the second moments travelled
+                d = self.centroids.shape[1]
+                self.sse2[idx] += scoring.gaussian_sse2(delta.weights, delta.sse, d)
             shift = np.sqrt(((self.centroids[idx] - before) ** 2).sum(axis=1))
             self.last_shift_ = float(shift.mean())
         self.absorbed[key] = int(delta.after)
@@ -197,9 +213,18 @@ class Replica:
             and np.isfinite(delta.sums).all()
             and (delta.weights >= 0).all()
             and np.isfinite(delta.sse).all()
+            and (delta.sse2 is None or delta.sse2.shape == (m,))
+            and (delta.sse2 is None or np.isfinite(delta.sse2).all())
         )
 
     # -- labelling ---------------------------------------------------------------------------
+
+    def _inv_spread(self) -> np.ndarray:
+        """``1 / s_j`` of the anomaly score (see :mod:`streamkm.model.scoring`)."""
+        w = self.counts_
+        total = float(w.sum())
+        overall = float(self.sse.sum()) / total if total > 0 else 0.0
+        return scoring.inv_spread(w, self.sse, overall, self.centroids)
 
     def assign(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Labels, squared distances and anomaly scores of ``X`` under this replica.
@@ -222,8 +247,8 @@ class Replica:
         d2 = np.empty(n, dtype=np.float64)
         k, d = Cc.shape
         work = np.empty(kernel.work_size(k, d), dtype=X.dtype)
-        overall = float(self.sse.sum()) / total if total > 0 else 0.0
-        coef = scoring.score_coef(w, scoring.inv_spread(w, self.sse, overall, C64), C64)
+        sigma = scoring.deviation(w, self.sse, self.sse2, d)
+        coef = scoring.score_coef(w, self._inv_spread(), C64, sigma)
         scores = np.empty(n, dtype=np.float64)
         kernel.assign(X, Cc, c_sq, coef, labels, d2, scores, work, shift=shift)
         np.clip(scores, 0.0, scoring.SCORE_MAX, out=scores)
@@ -245,6 +270,12 @@ class Replica:
         k, d = self.centroids.shape
         weights = np.bincount(labels, minlength=k).astype(np.float64)
         sse = np.bincount(labels, weights=d2, minlength=k)
+        if float(self.counts_.sum()) > 0:
+            limit = scoring.CLIP / self._inv_spread()[labels]
+        else:  # no spread known yet: the batch's own mean squared distance
+            limit = scoring.CLIP * float(d2.mean()) if d2.size else 0.0
+        clipped = np.minimum(d2, limit)
+        sse2 = np.bincount(labels, weights=clipped * clipped, minlength=k)
         index = np.flatnonzero(weights > 0)
         if index.size:
             # Rows grouped by centroid, one reduction per group (faster than np.add.at).
@@ -255,7 +286,7 @@ class Replica:
             sums = np.empty((0, d))
         return Delta(
             instance, topic, int(partition), int(first), int(after), int(X.shape[0]),
-            index, sums, weights[index], sse[index], int(epoch),
+            index, sums, weights[index], sse[index], int(epoch), sse2[index],
         )  # fmt: skip
 
     # -- state -------------------------------------------------------------------------------
@@ -276,7 +307,10 @@ class Replica:
             "inertia_ewma": self.inertia_ewma_,
             "absorbed": [[t, int(p), int(o)] for (t, p), o in sorted(self.absorbed.items())],
         }
-        arrays = {"centroids": self.centroids, "counts": self.counts_, "sse": self.sse}
+        arrays = {
+            "centroids": self.centroids, "counts": self.counts_, "sse": self.sse,
+            "sse2": self.sse2,
+        }  # fmt: skip
         return meta, arrays
 
     @classmethod
@@ -289,10 +323,17 @@ class Replica:
             k, d = C.shape
             if (k, d) != (int(meta["n_clusters"]), int(meta["n_features"])):
                 raise StateError("shared model shape does not match its metadata")
+            counts = np.array(arrays["counts"], dtype=np.float64).reshape(k)
+            sse = np.array(arrays["sse"], dtype=np.float64).reshape(k)
+            if "sse2" in arrays:
+                sse2 = np.array(arrays["sse2"], dtype=np.float64).reshape(k)
+            else:  # a state written before the second moments: a Gaussian cluster's
+                sse2 = scoring.gaussian_sse2(counts, sse, d)
             return cls(
                 C,
-                np.array(arrays["counts"], dtype=np.float64).reshape(k),
-                np.array(arrays["sse"], dtype=np.float64).reshape(k),
+                counts,
+                sse,
+                sse2,
                 absorbed={(str(t), int(p)): int(o) for t, p, o in meta["absorbed"]},
                 sync_offset=int(meta["sync_offset"]),
                 n_steps_=int(meta["n_steps"]),

@@ -27,6 +27,7 @@ from confluent_kafka import KafkaError as _CKafkaError
 from streamkm.config import ModelSettings
 from streamkm.errors import StateError, StreamkmError
 from streamkm.kafka import RateLimitedLog, to_error
+from streamkm.model.scoring import gaussian_sse2
 from streamkm.shared import wire
 from streamkm.shared.replica import Delta, Replica, seed_centroids
 
@@ -529,14 +530,19 @@ def merge(a: Delta, b: Delta) -> Delta:
     sums = np.zeros((index.size, d))
     weights = np.zeros(index.size)
     sse = np.zeros(index.size)
+    sse2 = np.zeros(index.size)
     for part in (a, b):
         pos = np.searchsorted(index, part.index)
         sums[pos] += part.sums
         weights[pos] += part.weights
         sse[pos] += part.sse
+        if part.sse2 is not None:
+            sse2[pos] += part.sse2
+        else:
+            sse2[pos] += gaussian_sse2(part.weights, part.sse, d)
     return Delta(
         a.instance, a.topic, a.partition, a.first, b.after, a.n + b.n,
-        index, sums, weights, sse, a.epoch,
+        index, sums, weights, sse, a.epoch, sse2,
     )  # fmt: skip
 
 

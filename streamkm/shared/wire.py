@@ -7,8 +7,9 @@ folds the same numbers.
 * ``{"type": "init", "instance", "k", "d"}`` + centroids (k·d float64). The first init in the
   log seeds the model; later ones are ignored.
 * ``{"type": "delta", "instance", "topic", "partition", "first", "after", "n", "m", "d",
-  "epoch"}`` + index (m int64) + sums (m·d float64) + weights (m) + sse (m): only the m
-  centroids the delta touches travel.
+  "epoch"}`` + index (m int64) + sums (m·d float64) + weights (m) + sse (m) + sse2 (m; absent
+  from records written before the score's second moments travelled): only the m centroids the
+  delta touches travel.
 * ``{"type": "snapshot", "instance", "meta", "arrays": [[name, shape], …]}`` + each array
   (float64): a replica's whole state as it stood at ``meta["sync_offset"]``, so a reader can
   start there instead of at the beginning of the log.
@@ -60,6 +61,8 @@ def encode_delta(delta: Delta) -> bytes:
         np.ascontiguousarray(delta.weights, dtype=_F8).tobytes(),
         np.ascontiguousarray(delta.sse, dtype=_F8).tobytes(),
     ]
+    if delta.sse2 is not None:
+        parts.append(np.ascontiguousarray(delta.sse2, dtype=_F8).tobytes())
     return b"".join(parts)
 
 
@@ -106,12 +109,13 @@ def decode(value: bytes) -> tuple[str, Any]:
             sums = take(_F8, m * d).reshape(m, d)
             weights = take(_F8, m)
             sse = take(_F8, m)
+            sse2 = take(_F8, m) if len(body) - pos == m * _F8.itemsize and m else None
             if pos != len(body):
                 raise ValueError(f"{len(body) - pos} trailing bytes")
             delta = Delta(
                 str(head["instance"]), str(head["topic"]), int(head["partition"]),
                 int(head["first"]), int(head["after"]), int(head["n"]),
-                index, sums, weights, sse, int(head.get("epoch", 0)),
+                index, sums, weights, sse, int(head.get("epoch", 0)), sse2,
             )  # fmt: skip
             return "delta", delta
         if head["type"] == "snapshot":

@@ -137,13 +137,13 @@ def test_row_sq_norms():
 def _update(X, w, labels, C, counts, clip=np.inf):
     k, d = C.shape
     d2 = ref_sq_dist(X, C)[np.arange(X.shape[0]), labels]
-    sse = np.zeros(k)
+    sse, sse2 = np.zeros(k), np.zeros(k)
     recent = np.zeros(k)
     inv = np.ones(k)
     shift = kernel.update_centroids(
-        X, w, labels, d2, inv, clip, C, counts, sse, recent, np.empty((k, d)), np.empty(k)
+        X, w, labels, d2, inv, clip, C, counts, sse, sse2, recent, np.empty((k, d)), np.empty(k)
     )
-    return shift, d2, sse, recent
+    return shift, d2, (sse, sse2), recent
 
 
 @settings(max_examples=40, deadline=None)
@@ -199,12 +199,13 @@ def test_update_ignores_zero_weight_rows_and_clips_sse():
     X = np.array([[0.0], [1.0], [1000.0]])
     C = np.array([[0.0]])
     counts = np.zeros(1)
-    _, _, sse, _ = _update(X, np.array([1.0, 1.0, 0.0]), np.zeros(3, np.int64), C, counts)
+    _, _, (sse, sse2), _ = _update(X, np.array([1.0, 1.0, 0.0]), np.zeros(3, np.int64), C, counts)
     assert C[0, 0] == pytest.approx(0.5) and counts[0] == 2.0
-    assert sse[0] == pytest.approx(1.0)
+    assert sse[0] == pytest.approx(1.0) and sse2[0] == pytest.approx(1.0)
     C = np.array([[0.0]])
-    _, _, sse, _ = _update(X, np.ones(3), np.zeros(3, np.int64), C, np.zeros(1), clip=4.0)
+    _, _, (sse, sse2), _ = _update(X, np.ones(3), np.zeros(3, np.int64), C, np.zeros(1), clip=4.0)
     assert sse[0] == pytest.approx(0 + 1 + 4.0)  # the far row adds at most clip·s
+    assert sse2[0] == pytest.approx(0 + 1 + 16.0)  # and its square, of the clipped value
 
 
 @settings(max_examples=40, deadline=None)
@@ -246,17 +247,18 @@ def test_learn_batch_is_decay_then_update_with_totals():
     C = rng.standard_normal((4, 6)).astype(np.float32)
     d2 = ref_sq_dist(X, C)[np.arange(300), labels]
     counts, sse, recent = rng.uniform(1, 9, 4), rng.uniform(1, 9, 4), rng.uniform(1, 9, 4)
+    sse2 = rng.uniform(1, 9, 4)
     inv = rng.uniform(0.5, 2.0, 4)
-    ref = [a.copy() for a in (C, counts * 0.5, sse * 0.5, recent * 0.75)]
+    ref = [a.copy() for a in (C, counts * 0.5, sse * 0.5, sse2 * 0.5, recent * 0.75)]
     ref_shift = kernel.update_centroids(
         X, w, labels, d2, inv, 9.0, *ref, np.empty((4, 6)), np.empty(4)
     )
     totals = np.empty(2)
     shift = kernel.learn_batch(
-        X, w, labels, d2, inv, 9.0, 0.5, 0.75, C, counts, sse, recent,
+        X, w, labels, d2, inv, 9.0, 0.5, 0.75, C, counts, sse, sse2, recent,
         np.empty((4, 6)), np.empty(4), totals,
     )  # fmt: skip
-    for got, want in zip((C, counts, sse, recent), ref, strict=True):
+    for got, want in zip((C, counts, sse, sse2, recent), ref, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-6)
     assert shift == pytest.approx(ref_shift, rel=1e-6)
     np.testing.assert_allclose(totals, [w.sum(), np.dot(w, d2)], rtol=1e-12)

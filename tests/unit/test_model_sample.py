@@ -109,7 +109,7 @@ def test_memory_is_bounded_and_reported():
         model.partial_fit(rng.normal(size=(1000, 16)).astype(np.float32))
     assert model._sample.n_live <= model._sample.capacity == 2500
     assert model._sample.rows.shape[0] <= 2500
-    assert model.nbytes() == 4 * 16 * 4 + 3 * 4 * 8 + 16 * 4 + 2500 * (16 * 4 + 24)
+    assert model.nbytes() == 4 * 16 * 4 + 4 * 4 * 8 + 16 * 4 + 2500 * (16 * 4 + 24)
     assert StreamingKMeans(8).sample_size == 32768
 
 
@@ -340,6 +340,23 @@ def test_version_1_states_still_load():
     np.testing.assert_array_equal(twin.predict(X), model.predict(X))
     twin.partial_fit(X[:500])
     assert twin._sample.n_live == 500
+
+
+def test_states_without_second_moments_load_with_gaussian_ones():
+    X, _ = blobs(3000, seed=8)
+    model = StreamingKMeans(5, batch_size=500, random_state=0).fit(X)
+    meta, arrays = model.to_state()
+    assert meta["state_version"] == 3 and (arrays["sse2"] > 0).all()
+    v2 = {**meta, "state_version": 2}
+    older = {k: v for k, v in arrays.items() if k != "sse2"}
+    twin = StreamingKMeans.from_state(v2, older)
+    d = X.shape[1]
+    np.testing.assert_allclose(
+        twin._sse2, arrays["sse"] ** 2 / arrays["counts"] * (1 + 2 / d), rtol=1e-12
+    )
+    np.testing.assert_array_equal(twin.predict(X), model.predict(X))
+    scores = twin.anomaly_score(X[:50])
+    assert np.isfinite(scores).all()
 
 
 # ---------------------------------------------------------------- snapshot / restore

@@ -52,10 +52,14 @@ def test_spreads_come_from_the_first_batch() -> None:
     record, original = trained()
     model, _ = model_from_record(record, SETTINGS)
     X = blobs(64, seed=100)
-    ours = calibrated(model, X).anomaly_score(X)
+    fresh = calibrated(model, X)
+    assert (fresh._sse > 0).all() and (fresh._sse2 > 0).all()
+    ours = fresh.anomaly_score(X)
     theirs = original.anomaly_score(X)
-    # Ordinary inputs score about 1 under both models, not the 1e9 of an unknown spread.
-    assert 0.3 < np.median(ours) < 3 and np.median(ours) == pytest.approx(np.median(theirs), 0.5)
+    # Ordinary inputs score within a few standard deviations under both models, not the 1e9
+    # of an unknown spread.
+    q_ours, q_theirs = np.quantile(ours, 0.9), np.quantile(theirs, 0.9)
+    assert 0.3 < q_ours < 4 and q_ours == pytest.approx(q_theirs, abs=1.0)
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -73,8 +75,9 @@ def test_the_fold_is_the_streaming_average_of_the_rows() -> None:
 
 
 def test_scores_follow_the_single_instance_formula_rare_groups_included() -> None:
-    """The replica publishes min_j (a_j·‖x − c_j‖² + b_j) from its own statistics, so a rare
-    group is flagged in shared-model mode as it is by one instance."""
+    """The replica publishes the single-instance score from its own statistics (counts,
+    squared-error sums and their second moments), so a rare group is flagged in shared-model
+    mode as it is by one instance."""
     r = replica()
     rng = np.random.default_rng(3)
     centres = r.centroids.copy()
@@ -87,11 +90,15 @@ def test_scores_follow_the_single_instance_formula_rare_groups_included() -> Non
     labels, d2, scores = r.assign(X)
 
     w, sse = r.counts_, r.sse
+    assert (r.sse2 > 0).all()
     overall = float(sse.sum()) / float(w.sum())
-    coef = scoring.score_coef(w, scoring.inv_spread(w, sse, overall, r.centroids), r.centroids)
+    sigma = scoring.deviation(w, sse, r.sse2, D)
+    coef = scoring.score_coef(
+        w, scoring.inv_spread(w, sse, overall, r.centroids), r.centroids, sigma
+    )
     diff = X.astype(np.float64)[:, None, :] - r.centroids[None, :, :]
-    expected = (coef[0] * (diff**2).sum(axis=2) + coef[1]).min(axis=1)
-    np.testing.assert_allclose(scores, expected, rtol=1e-4)
+    expected = np.maximum((coef[0] * (diff**2).sum(axis=2) + coef[1]).min(axis=1), 0.0)
+    np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-3)  # float32 distances
     rare = np.arange(len(X)) >= sum(sizes[:3])
     assert np.median(scores[rare]) > np.quantile(scores[~rare], 0.9)
 
@@ -154,9 +161,17 @@ def test_wire_round_trip_is_exact_and_garbage_is_refused() -> None:
     d = deltas(r, 2, 77, 1, seed=8)[0]
     kind, back = wire.decode(wire.encode_delta(d))
     assert kind == "delta"
-    for field in ("index", "sums", "weights", "sse"):
+    for field in ("index", "sums", "weights", "sse", "sse2"):
         assert getattr(back, field).tobytes() == getattr(d, field).tobytes()
     assert (back.topic, back.partition, back.first, back.after, back.n) == ("in", 2, 77, 141, 64)
+    # a record written before the second moments travelled still folds, as Gaussian clusters'
+    old = wire.encode_delta(dataclasses.replace(d, sse2=None))
+    kind, back = wire.decode(old)
+    assert back.sse2 is None
+    fresh = replica()
+    assert fresh.apply(back)
+    want = scoring.gaussian_sse2(d.weights, d.sse, D)
+    np.testing.assert_allclose(fresh.sse2[d.index], want, rtol=1e-12)
     for junk in (b"", b"{}\n", b'{"type":"delta"}\n', wire.encode_delta(d) + b"x", b"\xff\n"):
         with pytest.raises(StateError):
             wire.decode(junk)
