@@ -705,12 +705,12 @@ class StreamingKMeans(EstimatorShims):
         squared distance in units of the cluster's mean squared distance ``s_j`` (plus a tenth
         of it in units of the mean spread), as a z-score in the standard deviation ``σ_j`` of
         that ratio over the cluster's rows, plus a rarity term ``b_j`` between 0 and
-        ``scoring.RARITY`` (RARITY_VALUE) that grows as the weight of the centroids around
-        ``c_j`` falls below its typical value. A row at its common cluster's mean squared
-        distance scores about 0 (closer rows are clipped to 0), a member of a group with half
-        the typical mass about RARITY_HALF, of an isolated tiny cluster up to RARITY_VALUE;
-        far points score how many standard deviations out they lie. See
-        :mod:`streamkm.model.scoring`. This is the number :meth:`step` returns as ``scores``.
+        ``scoring.RARITY`` (4) that grows as the weight of the centroids around ``c_j`` falls
+        below its typical value. A row at its common cluster's mean squared distance scores
+        about 0 (closer rows are clipped to 0), a member of a group with half the typical mass
+        about 2 more, of an isolated tiny cluster up to 4 more; far points score how many
+        standard deviations out they lie. See :mod:`streamkm.model.scoring`. This is the
+        number :meth:`step` returns as ``scores``.
 
         Parameters
         ----------

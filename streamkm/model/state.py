@@ -6,7 +6,8 @@ model needs to continue exactly as if it had never stopped: centroids and their 
 the centring shift, the sample with its priorities and free slots, the refinement schedule and
 the generator state. Version 1 states (before the sample) still load: the model continues with
 an empty sample; states before version 3 lack ``sse2`` (the squared distances' second moments
-behind the anomaly score's dispersion) and get the values of Gaussian clusters of their spreads.
+behind the anomaly score's dispersion) and get the values of Gaussian clusters of their
+spreads.
 """
 
 from __future__ import annotations

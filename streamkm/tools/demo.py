@@ -98,9 +98,15 @@ def _dead_total(registry: CollectorRegistry) -> float:
 
 
 def _auc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """ROC-AUC by ranks (the Mann-Whitney statistic; scores are continuous, so no ties)."""
+    """ROC-AUC by ranks (the Mann-Whitney statistic); tied scores (the many 0s) share a rank."""
+    order = np.argsort(scores, kind="stable")
+    ordered = scores[order]
+    # each run of equal scores gets the mean of the ranks it spans
+    first = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    last = np.r_[first[1:], len(scores)]
+    mid = (first + last + 1) / 2.0
     ranks = np.empty(len(scores), dtype=np.float64)
-    ranks[np.argsort(scores, kind="stable")] = np.arange(1, len(scores) + 1)
+    ranks[order] = np.repeat(mid, last - first)
     n_pos = int(positive.sum())
     n_neg = len(scores) - n_pos
     if n_pos == 0 or n_neg == 0:

@@ -97,3 +97,18 @@ def test_the_score_is_a_z_score_of_the_distance_plus_the_rarity():
     A, B = scoring.score_coef(counts, inv, C, sigma)
     d2 = 8.0 * np.array([0.5, 1.0, 3.0])[:, None]  # half, once and three times the spread
     np.testing.assert_allclose(A * d2 + B, (a * d2 - 1.0) / sigma + b, rtol=1e-12)
+
+
+def test_the_demo_summary_counts_tied_scores_half():
+    # most published scores are exactly 0 (rows inside their cluster's mean distance): an
+    # outlier tied with them must count half, not by its position in the stream
+    from sklearn.metrics import roc_auc_score
+
+    from streamkm.tools.demo import _auc
+
+    rng = np.random.default_rng(0)
+    scores = np.maximum(rng.normal(size=400), 0.0)
+    positive = rng.random(400) < 0.1
+    assert _auc(scores, positive) == pytest.approx(roc_auc_score(positive, scores), abs=1e-12)
+    flat = np.zeros(10)
+    assert _auc(flat, np.arange(10) < 3) == pytest.approx(0.5)
