@@ -7,8 +7,9 @@ bit-for-bit the same model.
 
 A delta covers one input partition's offsets ``[first, after)`` and carries, per centroid it
 touches, the weighted sum of its rows, their weight, their squared distances and the squares of
-those (each clipped at ``scoring.CLIP`` times the cluster's spread: the anomaly score's
-dispersion, which a few far rows must not inflate). The fold
+those (each clipped at ``scoring.CLIP`` times the cluster's spread, as one instance clips them:
+a few far rows must not widen a cluster nor inflate the anomaly score's dispersion), and the
+batch's unclipped squared error for the inertia. The fold
 applies a delta only when it continues the partition where the log left it
 (``first == absorbed[partition]``, or the partition is new to the log); any other delta is
 *rejected*, whoever sent it, so every input offset is absorbed at most once whatever
@@ -64,7 +65,8 @@ class Delta:
     weights : ndarray of float64, shape (m,)
         Their weight.
     sse : ndarray of float64, shape (m,)
-        Their weighted squared distances to the centroid that labelled them.
+        Their weighted squared distances to the centroid that labelled them, each clipped at
+        ``scoring.CLIP`` spreads (unclipped in records written before ``err`` travelled).
     epoch : int
         The sender's rewind count for the partition (a rejected delta of an older epoch asks
         for no new rewind).
@@ -72,6 +74,9 @@ class Delta:
         Sums of the squares of their squared distances, each clipped at ``scoring.CLIP``
         spreads; None in records written before they travelled (the fold then takes a
         Gaussian cluster's, :func:`streamkm.model.scoring.gaussian_sse2`).
+    err : float or None
+        The rows' unclipped weighted squared distances, summed (the inertia); None in older
+        records, whose ``sse`` is unclipped.
     """
 
     instance: str
@@ -86,6 +91,12 @@ class Delta:
     sse: np.ndarray
     epoch: int = 0
     sse2: np.ndarray | None = None
+    err: float | None = None
+
+    @property
+    def error(self) -> float:
+        """The rows' unclipped squared error (``err``, or ``sse``'s sum in older records)."""
+        return float(self.sse.sum()) if self.err is None else float(self.err)
 
 
 @dataclass
@@ -193,7 +204,7 @@ class Replica:
         w = float(delta.weights.sum())
         self.n_samples_seen_ += float(delta.n)
         if w > 0:
-            self.inertia_ = float(delta.sse.sum()) / w
+            self.inertia_ = delta.error / w
             ewma = self.inertia_ewma_
             self.inertia_ewma_ = (
                 self.inertia_ if ewma != ewma else ewma + _EWMA_ALPHA * (self.inertia_ - ewma)
@@ -215,6 +226,7 @@ class Replica:
             and np.isfinite(delta.sse).all()
             and (delta.sse2 is None or delta.sse2.shape == (m,))
             and (delta.sse2 is None or np.isfinite(delta.sse2).all())
+            and (delta.err is None or np.isfinite(delta.err))
         )
 
     # -- labelling ---------------------------------------------------------------------------
@@ -269,12 +281,12 @@ class Replica:
         """The sufficient statistics of rows ``X`` (with their labels) as one delta."""
         k, d = self.centroids.shape
         weights = np.bincount(labels, minlength=k).astype(np.float64)
-        sse = np.bincount(labels, weights=d2, minlength=k)
         if float(self.counts_.sum()) > 0:
             limit = scoring.CLIP / self._inv_spread()[labels]
         else:  # no spread known yet: the batch's own mean squared distance
             limit = scoring.CLIP * float(d2.mean()) if d2.size else 0.0
         clipped = np.minimum(d2, limit)
+        sse = np.bincount(labels, weights=clipped, minlength=k)
         sse2 = np.bincount(labels, weights=clipped * clipped, minlength=k)
         index = np.flatnonzero(weights > 0)
         if index.size:
@@ -286,7 +298,7 @@ class Replica:
             sums = np.empty((0, d))
         return Delta(
             instance, topic, int(partition), int(first), int(after), int(X.shape[0]),
-            index, sums, weights[index], sse[index], int(epoch), sse2[index],
+            index, sums, weights[index], sse[index], int(epoch), sse2[index], float(d2.sum()),
         )  # fmt: skip
 
     # -- state -------------------------------------------------------------------------------

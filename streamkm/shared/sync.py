@@ -542,7 +542,7 @@ def merge(a: Delta, b: Delta) -> Delta:
             sse2[pos] += gaussian_sse2(part.weights, part.sse, d)
     return Delta(
         a.instance, a.topic, a.partition, a.first, b.after, a.n + b.n,
-        index, sums, weights, sse, a.epoch, sse2,
+        index, sums, weights, sse, a.epoch, sse2, a.error + b.error,
     )  # fmt: skip
 
 

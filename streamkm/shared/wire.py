@@ -7,9 +7,10 @@ folds the same numbers.
 * ``{"type": "init", "instance", "k", "d"}`` + centroids (k·d float64). The first init in the
   log seeds the model; later ones are ignored.
 * ``{"type": "delta", "instance", "topic", "partition", "first", "after", "n", "m", "d",
-  "epoch"}`` + index (m int64) + sums (m·d float64) + weights (m) + sse (m) + sse2 (m; absent
-  from records written before the score's second moments travelled): only the m centroids the
-  delta touches travel.
+  "epoch", "err"}`` + index (m int64) + sums (m·d float64) + weights (m) + sse (m) + sse2 (m):
+  only the m centroids the delta touches travel. ``err`` (the rows' unclipped squared error)
+  and ``sse2`` are absent from records written before the anomaly score's second moments
+  travelled.
 * ``{"type": "snapshot", "instance", "meta", "arrays": [[name, shape], …]}`` + each array
   (float64): a replica's whole state as it stood at ``meta["sync_offset"]``, so a reader can
   start there instead of at the beginning of the log.
@@ -53,6 +54,8 @@ def encode_delta(delta: Delta) -> bytes:
         "partition": delta.partition, "first": delta.first, "after": delta.after,
         "n": delta.n, "m": m, "d": d, "epoch": delta.epoch,
     }  # fmt: skip
+    if delta.err is not None:
+        head["err"] = float(delta.err)
     parts = [
         json.dumps(head, separators=(",", ":")).encode(),
         b"\n",
@@ -116,6 +119,7 @@ def decode(value: bytes) -> tuple[str, Any]:
                 str(head["instance"]), str(head["topic"]), int(head["partition"]),
                 int(head["first"]), int(head["after"]), int(head["n"]),
                 index, sums, weights, sse, int(head.get("epoch", 0)), sse2,
+                None if head.get("err") is None else float(head["err"]),
             )  # fmt: skip
             return "delta", delta
         if head["type"] == "snapshot":

@@ -346,3 +346,36 @@ def test_held_deltas_merge_into_one_record_that_folds_like_the_two() -> None:
     builder.hold([a])
     builder.rewind(("in", 0), 0)
     assert builder.take() == []
+
+
+def test_far_rows_are_clipped_in_deltas_and_the_inertia_stays_unclipped() -> None:
+    """A replica clips each squared distance at CLIP spreads, as one instance does, so 1% of
+    far rows neither widen its clusters nor pin the score's dispersion at its floor; the
+    inertia it reports stays the rows' plain mean squared distance."""
+    rng = np.random.default_rng(0)
+    d = 8
+    C = np.zeros((2, d))
+    C[1, 0] = 50.0
+    r = Replica.from_centroids(C)
+    for b in range(20):
+        X = rng.normal(size=(1000, d)) + C[np.arange(1000) % 2]
+        out = rng.random(1000) < 0.01
+        X[out] += rng.normal(size=(int(out.sum()), d)) * 30.0
+        X = X.astype(np.float32)
+        labels, d2, _ = r.assign(X)
+        delta = r.delta("a", "in", 0, b * 1000, (b + 1) * 1000, X, labels, d2)
+        assert delta.err == pytest.approx(float(d2.sum())) and delta.sse.sum() < delta.err
+        assert r.apply(delta)
+    assert r.inertia_ == pytest.approx(float(d2.mean()))
+    spread = r.sse / r.counts_
+    np.testing.assert_allclose(spread, d, rtol=0.3)
+    sigma = scoring.deviation(r.counts_, r.sse, r.sse2, d)
+    assert (sigma > 0.3).all() and (sigma < 1.5).all()
+    _, _, scores = r.assign(X)
+    assert np.quantile(scores[out], 0.1) > 10 * np.quantile(scores[~out], 0.99)
+    # a record without err (older streamkm) reports its sse as the error
+    old = dataclasses.replace(delta, err=None, first=20000, after=21000)
+    _, back = wire.decode(wire.encode_delta(old))
+    assert back.err is None and back.error == pytest.approx(float(delta.sse.sum()))
+    _, back = wire.decode(wire.encode_delta(delta))
+    assert back.err == delta.err
