@@ -35,6 +35,7 @@ from streamkm.config import Settings
 from streamkm.errors import RestoreError, StateError
 from streamkm.kafka import admin_config, make_consumer, to_error
 from streamkm.learner import learner_from_settings
+from streamkm.model import scoring
 from streamkm.model.scoring import CLIP
 from streamkm.model.state import STATE_VERSION
 
@@ -281,8 +282,8 @@ def calibrated(model: Any, X: np.ndarray) -> Any:
     counts = np.asarray(arrays["counts"], dtype=np.float64)
     arrays["sse"] = counts * per
     # second moments too (the score's dispersion); a cluster without rows: a Gaussian's
-    per2 = np.where(n > 0, squares / np.maximum(n, 1.0), per * per * (1.0 + 2.0 / X.shape[1]))
-    arrays["sse2"] = counts * per2
+    gaussian = scoring.gaussian_sse2(counts, arrays["sse"], X.shape[1])
+    arrays["sse2"] = np.where(n > 0, counts * squares / np.maximum(n, 1.0), gaussian)
     meta["scale0"] = overall
     return type(model).from_state(meta, arrays)
 

@@ -171,6 +171,11 @@ def neighbourhood_mass(centroids: np.ndarray, pi: np.ndarray, spread: np.ndarray
     return d2 @ pi
 
 
+def _gaussian_ratio(d: int) -> float:
+    """``E[u²]/E[u]²`` of the squared distance ``u`` of a Gaussian cluster in ``d`` dimensions."""
+    return 1.0 + 2.0 / max(d, 1)
+
+
 def deviation(counts: np.ndarray, sse: np.ndarray, sse2: np.ndarray, d: int) -> np.ndarray:
     """``σ_j``: standard deviation of the rows' squared distances over their mean, per cluster.
 
@@ -195,8 +200,7 @@ def deviation(counts: np.ndarray, sse: np.ndarray, sse2: np.ndarray, d: int) -> 
     # Σ (u / mean u)² per cluster: sse2 / (sse / counts)²
     moment = np.zeros_like(counts)
     np.divide(sse2 * counts * counts, sse * sse, out=moment, where=seen)
-    gaussian = 1.0 + 2.0 / max(d, 1)
-    pooled = (float(moment.sum()) + DISPERSION_PRIOR * gaussian) / (
+    pooled = (float(moment.sum()) + DISPERSION_PRIOR * _gaussian_ratio(d)) / (
         float(rows.sum()) + DISPERSION_PRIOR
     )
     ratio = (moment + DISPERSION_PRIOR * pooled) / (rows + DISPERSION_PRIOR)
@@ -222,7 +226,7 @@ def gaussian_sse2(counts: np.ndarray, sse: np.ndarray, d: int) -> np.ndarray:
     sse = np.asarray(sse, dtype=np.float64)
     out = np.zeros_like(sse)
     np.divide(sse * sse, counts, out=out, where=counts > 0)
-    return out * (1.0 + 2.0 / max(d, 1))
+    return out * _gaussian_ratio(d)
 
 
 def rarity_coef(counts: np.ndarray, inv_scale: np.ndarray, centroids: np.ndarray) -> np.ndarray:
