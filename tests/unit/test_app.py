@@ -675,18 +675,28 @@ def test_shared_mode_seeds_from_the_log_and_rewinds_a_refused_delta(tmp_path: Pa
         assert sample("streamkm_sync_records_rejected_total") == 1
 
 
-def test_the_loop_goes_on_while_a_checkpoint_is_written_and_commits_its_offsets_after(
-    tmp_path: Path,
-) -> None:
+@contextlib.contextmanager
+def checkpoint_in_flight(
+    tmp_path: Path, guarantee: str, fail: bool = False
+) -> Iterator[tuple[App, FakeProducer, FakeConsumer, GatedStore]]:
+    """A connected app on a slow checkpoint disk, having learnt inputs 0-3 of partition 0 and
+    started writing their checkpoint (as the loop's timer does)."""
     producer, consumer = FakeProducer(), FakeConsumer()
-    app = make_app(tmp_path, producer, consumer, guarantee="at-least-once")
-    store = GatedStore(tmp_path / "ckpt")
+    app = make_app(tmp_path, producer, consumer, guarantee=guarantee)
+    store = GatedStore(tmp_path / "ckpt", fail=fail)
     app.checkpointer.store = store
     with app.connected():
         consumer.assign(0)
         consumer.queue = messages(0, 4)
         app.turn()
-        app.checkpoint(wait=False)  # as the loop's timer does
+        app.checkpoint(wait=False)
+        yield app, producer, consumer, store
+
+
+def test_the_loop_goes_on_while_a_checkpoint_is_written_and_commits_its_offsets_after(
+    tmp_path: Path,
+) -> None:
+    with checkpoint_in_flight(tmp_path, "at-least-once") as (app, producer, consumer, store):
         assert app.checkpointer.busy and consumer.commits == []
         consumer.queue = messages(4, 4)
         app.turn()  # the loop consumes, learns and publishes while the file is written
@@ -702,15 +712,7 @@ def test_the_loop_goes_on_while_a_checkpoint_is_written_and_commits_its_offsets_
 
 
 def test_a_revoke_waits_for_the_write_in_flight(tmp_path: Path) -> None:
-    producer, consumer = FakeProducer(), FakeConsumer()
-    app = make_app(tmp_path, producer, consumer, guarantee="at-least-once")
-    store = GatedStore(tmp_path / "ckpt")
-    app.checkpointer.store = store
-    with app.connected():
-        consumer.assign(0)
-        consumer.queue = messages(0, 4)
-        app.turn()
-        app.checkpoint(wait=False)
+    with checkpoint_in_flight(tmp_path, "at-least-once") as (app, _, consumer, store):
         opener = threading.Timer(0.2, store.gate.set)  # the disk answers later
         opener.start()
         consumer.revoke(0)  # returns only once the checkpoint is durable
@@ -720,15 +722,8 @@ def test_a_revoke_waits_for_the_write_in_flight(tmp_path: Path) -> None:
 
 
 def test_a_failed_background_write_stops_the_loop(tmp_path: Path) -> None:
-    producer, consumer = FakeProducer(), FakeConsumer()
-    app = make_app(tmp_path, producer, consumer, guarantee="exactly-once")
-    store = GatedStore(tmp_path / "ckpt", fail=True)
-    app.checkpointer.store = store
-    with app.connected():
-        consumer.assign(0)
-        consumer.queue = messages(0, 4)
-        app.turn()
-        app.checkpoint(wait=False)  # exactly-once: the transaction is committed first
+    with checkpoint_in_flight(tmp_path, "exactly-once", fail=True) as (app, producer, _, store):
+        # exactly-once: the transaction is committed before the checkpoint is written
         assert producer.calls[-2:] == ["commit", "flush"]
         store.gate.set()
         with pytest.raises(CheckpointError, match="No space left"):
