@@ -128,6 +128,7 @@ class Transactions:
         self.stopping = stopping
         self.timeout_s = timeout_s
         self._rate_log = RateLimitedLog(log)
+        self._open = False
 
     def init(self, on_retry: Callable[[str], object] | None = None) -> None:
         """``init_transactions``, retried while the brokers cannot be reached.
@@ -150,12 +151,19 @@ class Transactions:
                     "txn-init", "initialising transactions: %s; retrying", err.str()
                 )
 
+    @property
+    def open(self) -> bool:
+        """Whether a transaction is open (begun, neither committed nor aborted yet): a part
+        that writes in a transaction of its own must wait until it is not."""
+        return self._open
+
     def begin(self) -> None:
         """Open a transaction."""
         try:
             self.producer.begin_transaction()
         except KafkaException as exc:
             raise to_error(exc, "beginning a transaction") from None
+        self._open = True
 
     def commit(
         self,
@@ -172,6 +180,7 @@ class Transactions:
                 "sending offsets to the transaction",
             )
         self._call(lambda: producer.commit_transaction(timeout), doing)
+        self._open = False
 
     def abort(self) -> None:
         """Abort the open transaction; its records' failures do not count."""
@@ -182,6 +191,7 @@ class Transactions:
             except KafkaException as exc:
                 if not exc.args[0].retriable():
                     raise to_error(exc, "aborting a transaction") from None
+        self._open = False
         # Serve the purged records' reports now, then forget them: the batch is redone.
         self.producer.poll(0)
         self.reports.clear()

@@ -65,7 +65,8 @@ class SyncLog:
         ``streamkm_sync_*`` series.
     snapshot_every : int, default 1000
         Put a snapshot of the replica on the log after each of this many of this instance's
-        deltas has been folded (0: never); a reader without a checkpoint starts at the newest
+        deltas has been folded (0: never; exactly-once, at the first refresh with no
+        transaction open); a reader without a checkpoint starts at the newest
         snapshot it finds, so the log's retention need only keep a few snapshot intervals.
     clock : callable, default time.time
     """
@@ -191,6 +192,11 @@ class SyncLog:
 
     def _put_snapshot(self) -> None:
         if self._snapshot is None:
+            return
+        txn = self.transactions
+        if txn is not None and txn.open:
+            # Exactly-once: the batches' transaction is open (it may span several turns);
+            # the snapshot goes in a transaction of its own at a later refresh.
             return
         meta, arrays = self._snapshot
         self._snapshot = None

@@ -379,3 +379,43 @@ def test_far_rows_are_clipped_in_deltas_and_the_inertia_stays_unclipped() -> Non
     assert back.err is None and back.error == pytest.approx(float(delta.sse.sum()))
     _, back = wire.decode(wire.encode_delta(delta))
     assert back.err == delta.err
+
+
+class StubTransactions:
+    """Exactly-once's transactional calls, recording them; ``open`` as the batches leave it."""
+
+    def __init__(self) -> None:
+        self.open = False
+        self.calls: list[str] = []
+
+    def begin(self) -> None:
+        assert not self.open, "a transaction is already open"
+        self.open = True
+        self.calls.append("begin")
+
+    def commit(self, offsets: object = None, metadata: object = None, doing: str = "") -> None:
+        self.open = False
+        self.calls.append("commit")
+
+
+def test_a_snapshot_waits_for_the_batches_transaction_to_close() -> None:
+    """Exactly-once: the batches' transaction may stay open across turns; a snapshot due
+    meanwhile goes in a transaction of its own once it has closed, not inside it."""
+    from streamkm.shared.sync import SyncLog
+
+    log, txn = MemoryLog(), StubTransactions()
+    sync, learner = SyncLog(Reader(log), log, "sync", "a", txn, snapshot_every=2), shared_learner()
+    sync.start(learner)
+    learner.step(data(64, seed=0))  # proposes the init (a transaction of its own)
+    txn.begin()  # the batches' transaction, open over the next turns
+    for b in range(2):
+        X = data(64, seed=200 + b)
+        labels, d2, _ = learner.replica.assign(X)
+        sync.send([learner.replica.delta("a", "in", 0, 64 * b, 64 * (b + 1), X, labels, d2)])
+    sync.refresh()  # folds both deltas: a snapshot is due, but the transaction is open
+    kinds = [wire.decode(v)[0] for v in log.records]
+    assert "snapshot" not in kinds and txn.open
+    txn.commit()
+    sync.refresh()
+    assert [wire.decode(v)[0] for v in log.records].count("snapshot") == 1
+    assert txn.calls == ["begin", "commit", "begin", "commit", "begin", "commit"]

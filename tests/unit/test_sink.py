@@ -269,6 +269,21 @@ def test_a_produce_error_in_a_transaction_aborts_it() -> None:
         sink(producer).publish(rows, result, version=1)
 
 
+def test_transactions_know_whether_one_is_open() -> None:
+    producer = FakeProducer()
+    txn = Transactions(producer, DeliveryReports(transactional=True))
+    assert not txn.open
+    txn.begin()
+    assert txn.open
+    txn.commit({("in", 0): 5}, None)
+    assert not txn.open
+    txn.begin()
+    producer.txn_errors["commit"] = [KafkaError(KafkaError._STATE, "x", txn_requires_abort=True)]
+    with pytest.raises(TransactionAborted):
+        txn.commit()
+    assert not txn.open and producer.calls[-2:] == ["abort", "poll 0"]
+
+
 def test_the_model_is_published_in_its_own_transaction_and_an_abort_skips_it() -> None:
     producer = FakeProducer()
     txn = Transactions(producer, DeliveryReports(transactional=True))
